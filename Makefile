@@ -1,0 +1,41 @@
+# Set-up is part of both commands: on a fresh machine each creates .venv and installs the
+# pinned dependencies first (once; again only when a requirements file changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+PYTEST_ARGS ?=
+
+.PHONY: run test setup dry-run lint report clean
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n --cores $(CORES) --configfile config.yaml
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores 1 --configfile config.yaml --report report.zip
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and on its own: 2.13.0 is a CPU build on these machines; a bare `torch`
+	# requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+clean:
+	rm -rf results logs .snakemake report.zip

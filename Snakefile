@@ -1,0 +1,23 @@
+# kneurons: knowledge neurons, degenerate knowledge neurons and fact checking with AMIG
+# (Chen et al., "Journey to the Center of the Knowledge Neurons", AAAI 2024).
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/attribution.smk"
+
+
+rule all:
+    input:
+        split_outputs(),
+        attribution_outputs(),

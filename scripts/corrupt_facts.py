@@ -1,0 +1,18 @@
+"""Rule corrupt_facts: give every fact one wrong object (the same entity in every language)."""
+import logging
+
+import pandas as pd
+
+from kneurons.facts import corrupt_facts, corruption_report
+from kneurons.io import write_json, write_parquet
+from kneurons.logs import configure
+
+configure(snakemake.log[0])
+languages = list(snakemake.params.languages)
+tables = {lang: pd.read_parquet(path) for lang, path in zip(languages, snakemake.input)}
+corrupted = corrupt_facts(tables, snakemake.params.seed)
+report = corruption_report(tables, corrupted)
+logging.info("kept %d of %d facts", report["facts_out"], report["facts_in"])
+for lang, path in zip(languages, snakemake.output.tables):
+    write_parquet(corrupted[lang], path)
+write_json(report, snakemake.output.report)

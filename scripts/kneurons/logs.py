@@ -1,0 +1,34 @@
+"""Logging of rule scripts: messages and progress bars go to the rule's log file."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+
+def configure(log_path: str | Path | None, level: int = logging.INFO) -> TextIO:
+    """Send logging (and returned stream, for tqdm) to ``log_path``; stderr when None.
+
+    Returns the text stream that progress bars should write to (``tqdm(file=stream)``).
+    """
+    if log_path is None:
+        stream: TextIO = sys.stderr
+    else:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        stream = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (process lifetime)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    previous_hook = sys.excepthook
+
+    def log_uncaught(exc_type, exc, tb):  # the traceback lands in the rule's log too
+        logging.getLogger("kneurons").error("failed", exc_info=(exc_type, exc, tb))
+        previous_hook(exc_type, exc, tb)
+
+    sys.excepthook = log_uncaught
+    return stream

@@ -1,0 +1,17 @@
+"""Rule prepare_mlama: one language of mLAMA -> a facts table and a report of what was dropped."""
+import logging
+
+from kneurons.io import write_json, write_parquet
+from kneurons.logs import configure
+from kneurons.mlama import read_mlama
+
+configure(snakemake.log[0])
+params = snakemake.params
+relations = None if params.relations == "all" else list(params.relations)
+table, report = read_mlama(
+    params.source, snakemake.wildcards.lang, relations, to_simplified=params.to_simplified
+)
+logging.info("%s: kept %d facts in %d relations", snakemake.wildcards.lang, len(table),
+             table["relation"].nunique())
+write_parquet(table, snakemake.output.table)
+write_json(report, snakemake.output.report)

@@ -1,0 +1,18 @@
+"""Rule split_facts: per relation, a seeded discovery/evaluation split aligned across languages."""
+import pandas as pd
+
+from kneurons.facts import PARTS, mark_calibration, split_facts, split_report
+from kneurons.io import write_json, write_parquet
+from kneurons.logs import configure
+
+configure(snakemake.log[0])
+params = snakemake.params
+languages = list(params.languages)
+tables = {lang: pd.read_parquet(path) for lang, path in zip(languages, snakemake.input)}
+splits = split_facts(tables, params.discovery_fraction, params.seed)
+splits = mark_calibration(splits, params.calibration_fraction, params.seed)
+outputs = iter(snakemake.output.tables)  # expand() order: language, then part
+for lang in languages:
+    for part in PARTS:
+        write_parquet(splits[lang][part], next(outputs))
+write_json(split_report(splits), snakemake.output.report)

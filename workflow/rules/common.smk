@@ -1,0 +1,132 @@
+# Config checks beyond the schema, wildcard constraints and input functions.
+import re
+from pathlib import Path
+
+# Bumped on purpose whenever a stage's results change for the same params, so that Snakemake
+# reruns it (the library is not tracked as code by Snakemake).
+VERSIONS = {
+    "data": 1,
+    "toy": 1,
+    "attribution": 1,
+}
+
+LANGUAGES = list(config["mlama"]["languages"])
+MODELS = config["models"]
+PARTS = ["discovery", "evaluation"]
+SHARDS = list(range(config["attribution"]["shards"]))
+
+
+def _check_config():
+    for alias, spec in MODELS.items():
+        unknown = sorted(set(spec["languages"]) - set(LANGUAGES))
+        if unknown:
+            raise ValueError(
+                f"config: models.{alias}.languages has {unknown}, not in mlama.languages {LANGUAGES}"
+            )
+    if config["neurons"]["max_kn"] > config["attribution"]["keep_top"]:
+        raise ValueError(
+            "config: neurons.max_kn must not exceed attribution.keep_top "
+            f"({config['neurons']['max_kn']} > {config['attribution']['keep_top']})"
+        )
+    if is_url(config["mlama"]["source"]) and not config["mlama"]["sha256"]:
+        raise ValueError("config: mlama.sha256 is required when mlama.source is a URL")
+
+
+def is_url(source):
+    return re.match(r"^https?://", str(source)) is not None
+
+
+_check_config()
+
+
+wildcard_constraints:
+    lang="|".join(re.escape(lang) for lang in LANGUAGES),
+    model="|".join(re.escape(alias) for alias in MODELS),
+    part="|".join(PARTS),
+    shard=r"\d+",
+
+
+# ---- data -------------------------------------------------------------------------------
+
+
+def mlama_input(wildcards):
+    """What prepare_mlama reads: the downloaded archive, a local zip, or the language's files."""
+    source = config["mlama"]["source"]
+    if is_url(source):
+        return "results/data/download/mlama1.1.zip"
+    path = Path(source)
+    if path.suffix == ".zip":
+        return str(path)
+    for folder in (path / wildcards.lang, path / "mlama1.1" / wildcards.lang):
+        if folder.is_dir():
+            return sorted(str(p) for p in folder.glob("*.jsonl"))
+    raise ValueError(
+        f"config: mlama.source {source!r} has no folder {wildcards.lang}/ (nor mlama1.1/{wildcards.lang}/)"
+    )
+
+
+def mlama_source_path():
+    source = config["mlama"]["source"]
+    return "results/data/download/mlama1.1.zip" if is_url(source) else source
+
+
+def split_outputs():
+    return expand(
+        "results/data/facts/{lang}/{part}.parquet", lang=LANGUAGES, part=PARTS
+    )
+
+
+# ---- models -----------------------------------------------------------------------------
+
+
+def model_spec(alias):
+    return MODELS[alias]
+
+
+def model_input(wildcards):
+    """A toy model's trained folder; pretrained models come from the hub cache (no input)."""
+    if MODELS[wildcards.model].get("toy"):
+        return f"results/models/{wildcards.model}/model"
+    return []
+
+
+def model_params(wildcards):
+    """The model's identity as plain values: changing it reruns everything that uses it."""
+    spec = MODELS[wildcards.model]
+    if spec.get("toy"):
+        return {
+            "source": f"results/models/{wildcards.model}/model",
+            "arch": spec["arch"],
+            "revision": None,
+            "trust_remote_code": False,
+            "toy": True,
+        }
+    return {
+        "source": spec["hf_id"],
+        "arch": spec["arch"],
+        "revision": spec.get("revision"),
+        "trust_remote_code": spec.get("trust_remote_code", False),
+        "toy": False,
+    }
+
+
+def toy_model_languages(wildcards):
+    return [lang for lang in LANGUAGES if lang in MODELS[wildcards.model]["languages"]]
+
+
+# ---- attribution ------------------------------------------------------------------------
+
+
+def model_lang_pairs():
+    return [
+        (alias, lang) for alias, spec in MODELS.items() for lang in spec["languages"]
+    ]
+
+
+def attribution_outputs():
+    return [
+        f"results/attribution/{alias}/{lang}/{part}/shard-{shard}.parquet"
+        for alias, lang in model_lang_pairs()
+        for part in PARTS
+        for shard in SHARDS
+    ]

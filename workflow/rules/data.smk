@@ -1,0 +1,78 @@
+# Stage 1: raw mLAMA -> per-language tables -> corrupted facts -> discovery/evaluation split.
+
+
+rule download_mlama:
+    output:
+        "results/data/download/mlama1.1.zip",
+    log:
+        "logs/data/download_mlama.log",
+    localrule: True
+    conda:
+        "../../envs/data.yaml"
+    params:
+        url=config["mlama"]["source"],
+        sha256=config["mlama"]["sha256"],
+    script:
+        "../../scripts/download_mlama.py"
+
+
+rule prepare_mlama:
+    input:
+        mlama_input,
+    output:
+        table="results/data/mlama/{lang}.parquet",
+        report="results/data/mlama/{lang}.report.json",
+    log:
+        "logs/data/prepare_mlama/{lang}.log",
+    localrule: True
+    conda:
+        "../../envs/data.yaml"
+    params:
+        source=mlama_source_path(),
+        relations=config["mlama"]["relations"],
+        to_simplified=config["mlama"]["to_simplified"],
+        version=VERSIONS["data"],
+    script:
+        "../../scripts/prepare_mlama.py"
+
+
+rule corrupt_facts:
+    input:
+        expand("results/data/mlama/{lang}.parquet", lang=LANGUAGES),
+    output:
+        tables=expand("results/data/corrupted/{lang}.parquet", lang=LANGUAGES),
+        report="results/data/corrupted/report.json",
+    log:
+        "logs/data/corrupt_facts.log",
+    localrule: True
+    conda:
+        "../../envs/data.yaml"
+    params:
+        languages=LANGUAGES,
+        seed=config["seed"],
+        version=VERSIONS["data"],
+    script:
+        "../../scripts/corrupt_facts.py"
+
+
+rule split_facts:
+    input:
+        expand("results/data/corrupted/{lang}.parquet", lang=LANGUAGES),
+    output:
+        tables=expand(
+            "results/data/facts/{lang}/{part}.parquet", lang=LANGUAGES, part=PARTS
+        ),
+        report="results/data/facts/report.json",
+    log:
+        "logs/data/split_facts.log",
+    localrule: True
+    conda:
+        "../../envs/data.yaml"
+    params:
+        languages=LANGUAGES,
+        discovery_fraction=config["split"]["discovery_fraction"],
+        calibration_fraction=config["split"]["calibration_fraction"],
+        seed=config["seed"],
+        version=VERSIONS["data"],
+    script:
+        "../../scripts/split_facts.py"
