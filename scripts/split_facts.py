@@ -1,4 +1,6 @@
 """Rule split_facts: per relation, a seeded discovery/evaluation split aligned across languages."""
+import logging
+
 import pandas as pd
 
 from kneurons.facts import PARTS, mark_calibration, split_facts, split_report
@@ -15,4 +17,7 @@ outputs = iter(snakemake.output.tables)  # expand() order: language, then part
 for lang in languages:
     for part in PARTS:
         write_parquet(splits[lang][part], next(outputs))
-write_json(split_report(splits), snakemake.output.report)
+report = split_report(splits)
+for lang in languages:
+    logging.info("%s: %s", lang, {part: report[lang][part]["facts"] for part in PARTS})
+write_json(report, snakemake.output.report)

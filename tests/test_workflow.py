@@ -1,0 +1,82 @@
+"""Workflow tests: the real DAG on the bundled sample (tiny settings) in a temp directory."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(**overrides) -> dict:
+    """config.yaml with the source made absolute (the run happens elsewhere)."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["mlama"]["source"] = str(REPO / config["mlama"]["source"])
+    for key, value in overrides.items():
+        config[key] = value if not isinstance(value, dict) else {**config.get(key, {}), **value}
+    return config
+
+
+def run_workflow(workdir: Path, config: dict, *args: str, timeout: int = 1200, check: bool = True):
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args],
+        capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def test_stage_one_on_the_bundled_sample(tmp_path):
+    run_workflow(tmp_path, tiny_config(), "--until", "split_facts")
+    results = tmp_path / "results" / "data"
+    for lang in ("en", "zh"):
+        report = json.loads((results / "mlama" / f"{lang}.report.json").read_text())
+        assert report["facts_kept"] == 500
+        parts = {part: pd.read_parquet(results / "facts" / lang / f"{part}.parquet")
+                 for part in ("discovery", "evaluation")}
+        assert len(parts["discovery"]) == 400 and len(parts["evaluation"]) == 100
+        for part in parts.values():
+            assert {"uuid", "lineid", "relation", "template", "sub_uri", "sub_label", "obj_uri",
+                    "obj_label", "wrong_obj_uri", "wrong_obj_label"} <= set(part.columns)
+            assert (part["wrong_obj_uri"] != part["obj_uri"]).all()
+        assert parts["discovery"]["calibration"].sum() == 100
+        assert (tmp_path / "logs" / "data" / "prepare_mlama" / f"{lang}.log").exists()
+    en = pd.read_parquet(results / "facts" / "en" / "evaluation.parquet")
+    zh = pd.read_parquet(results / "facts" / "zh" / "evaluation.parquet")
+    assert en["uuid"].tolist() == zh["uuid"].tolist()
+    assert en["wrong_obj_uri"].tolist() == zh["wrong_obj_uri"].tolist()
+    # nothing else was run
+    assert not (tmp_path / "results" / "attribution").exists()
+
+
+def test_a_malformed_line_fails_with_its_place_and_leaves_no_output(tmp_path):
+    import shutil
+
+    source = tmp_path / "mlama1.1"
+    shutil.copytree(REPO / "resources" / "mlama-mini" / "mlama1.1", source)
+    facts = source / "en" / "P36.jsonl"
+    lines = facts.read_text().splitlines()
+    lines[6] = re.sub(r'"lineid": (\d+)', r'"lineid": "\1"', lines[6])  # line 7: a string lineid
+    facts.write_text("\n".join(lines) + "\n")
+    config = tiny_config()
+    config["mlama"]["source"] = str(source)
+    result = run_workflow(tmp_path / "run", config, "--until", "split_facts", check=False)
+    assert result.returncode != 0
+    log = (tmp_path / "run" / "logs" / "data" / "prepare_mlama" / "en.log").read_text()
+    assert "P36.jsonl" in log and "line 7" in log and "lineid" in log
+    assert not (tmp_path / "run" / "results" / "data" / "mlama" / "en.parquet").exists()
+    leftovers = list((tmp_path / "run" / "results").rglob("*.tmp"))
+    assert leftovers == []

@@ -1,0 +1,88 @@
+"""The workflow as Snakemake sees it: lint, formatting, config validation, dry runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    block = output.split("Job stats:")[1].split("\n\n")[0]
+    counts = {}
+    for line in block.splitlines():
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition" in result.stdout + result.stderr
+
+
+def test_snakefmt_is_clean():
+    files = ["Snakefile", *sorted(str(p.relative_to(REPO)) for p in (REPO / "workflow/rules").glob("*.smk"))]
+    result = subprocess.run([str(BIN / "snakefmt"), "--check", *files], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_dry_run_plans_every_stage():
+    result = snakemake("-n", "--cores", "1", "--configfile", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    pairs = sum(len(spec["languages"]) for spec in config["models"].values())
+    assert counts["prepare_mlama"] == len(config["mlama"]["languages"])
+    assert counts["train_toy_model"] == len(config["models"])
+    assert counts["attribute_shard"] == pairs * 2 * config["attribution"]["shards"]
+
+
+def test_paper_config_plans_without_toy_models():
+    result = snakemake("-n", "--cores", "1", "--configfile", "configs/paper.yaml")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert "train_toy_model" not in counts  # the default's toy models are not merged in
+    # m-bert and m-gpt on en and zh, bert and gpt2 on en: 6 pairs, 2 parts, 16 shards
+    assert counts["attribute_shard"] == 6 * 2 * 16
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"attribution": {"stepz": 3}}, "stepz"),
+        ({"attribution": {"steps": "many"}}, "many"),
+        ({"neurons": {"max_kn": 500}}, "max_kn"),
+        ({"models": {"x": {"toy": True, "arch": "masked", "languages": ["fr"]}}}, "models.x.languages"),
+        ({"mlama": {"source": "https://example.org/mlama1.1.zip"}}, "sha256"),
+    ],
+)
+def test_bad_config_stops_before_any_job(tmp_path, patch, needle):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for key, value in patch.items():
+        if key == "models":
+            config["models"] = value
+        else:
+            config[key].update(value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake("-n", "--cores", "1", "--configfile", str(path))
+    assert result.returncode != 0
+    assert needle in result.stdout + result.stderr
+    assert "rule prepare_mlama" not in result.stdout
