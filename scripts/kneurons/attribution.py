@@ -1,0 +1,392 @@
+"""Neuron attribution: integrated gradients (IG, Dai et al. 2022) and AMIG (Chen et al. 2024).
+
+Engine design (all steps of a layer, several layers and several queries in one pass):
+
+1. One unpatched forward per group of queries (right-padded, with attention mask) records the
+   FFN activation ``a`` at every attributed layer, the probabilities of the object, and, via
+   forward pre-hooks, the exact inputs (hidden states + mask/rotary kwargs) of every block.
+2. AMIG only: one batched forward over all "query token i replaced" variants records the
+   baseline activations ``a'_i`` of all layers at once (``torch.inference_mode``).
+3. Every (query, object token, layer, baseline, quadrature node) is one *row*. Rows are sorted
+   by layer and cut into batches of ``batch_size``. A batch starts at the lowest patched
+   layer ``l0`` and walks blocks ``l0..L-1``: rows of layer ``j`` join the batch at block
+   ``j`` from its cached input, and block ``j``'s FFN activation is replaced at the object
+   position by the row's interpolation point (a leaf tensor). Blocks below a row's layer
+   are never recomputed. The LM head runs only at the object positions; one backward gives
+   every row's gradient. Architectures without a registered ``head`` use a slower fallback:
+   the full model on the repeated inputs, with one hook per patched layer.
+
+Rows of different queries share a batch only within a padding group; attention masks keep a
+query's scores independent of its batch companions (up to float noise).
+
+Relation to the authors' code (GitHub heng840/AMIG, ``knowledge_neurons/garns.py``). We
+implement the paper's formula (mean over token baselines of the IG with that baseline), which
+satisfies completeness. The code differs in ways we do not copy: it averages the
+*interpolation points* over baselines (one path from the mean baseline), multiplies the
+integrated gradient by ``a`` instead of ``a - a'``, replaces *every* input position (also
+[CLS]/[SEP] and the mask itself, whose replacement changes nothing), uses the left Riemann
+rule, hooks GPT's ``mlp.c_fc`` output (pre-activation; use ``site="pre"`` to match), sums
+rather than averages over the object's tokens in ``garns.py`` (its IG baseline code
+averages), and decodes multi-token objects greedily instead of teacher forcing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .hooks import SITES, capture_block_inputs, capture_ffn, ffn_hooks, site_module
+from .models import LanguageModel
+from .queries import EncodedQuery
+
+METHODS = ("ig", "amig")
+QUADRATURES = ("riemann", "gauss-legendre")
+ALGORITHM_VERSION = 1  # bump when scores change on purpose
+_GROUP = 16  # queries padded together in one capture forward
+
+
+@dataclass
+class Attribution:
+    """Attribution of one query.
+
+    ``scores``: [n_layers, d_ff] float32, mean over the object's tokens (layers not
+    attributed stay 0). ``token_probs``: [n_target_tokens] P(object token t | query) at its
+    position in the unpatched model (teacher forcing for causal LMs). ``prob``: the mean of
+    ``token_probs`` (a per-token probability, averaged; not the joint probability).
+    ``rank``: 1-based rank of the first object token at its position. ``predicted``: the
+    model's own prediction is the object: argmax at every object position (for causal LMs
+    this equals greedy decoding reproducing the object).
+    """
+
+    scores: np.ndarray
+    token_probs: np.ndarray
+    prob: float
+    rank: int
+    predicted: bool
+
+
+def quadrature_rule(steps: int, kind: str = "riemann") -> tuple[np.ndarray, np.ndarray]:
+    """Nodes ``alpha_k`` in (0, 1) and weights ``w_k`` (sum 1) for the path integral.
+
+    ``riemann``: midpoint rule, ``alpha_k = (k - 1/2)/m``, ``w_k = 1/m`` (captum's
+    ``riemann_middle``; error O(1/m^2) instead of O(1/m) for left/right points).
+    ``gauss-legendre``: Gauss-Legendre nodes/weights mapped from [-1, 1] to [0, 1].
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if kind == "riemann":
+        return (np.arange(steps) + 0.5) / steps, np.full(steps, 1.0 / steps)
+    if kind == "gauss-legendre":
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return 0.5 * (x + 1.0), 0.5 * w
+    raise ValueError(f"quadrature must be one of {QUADRATURES}, got {kind!r}")
+
+
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients (only the activation leaf needs them); restores the flags."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _pad(queries: Sequence[EncodedQuery], pad_id: int, device: torch.device
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: absolute positions of real tokens do not change."""
+    s = max(len(q.input_ids) for q in queries)
+    ids = torch.full((len(queries), s), pad_id, dtype=torch.long)  # [G, S]
+    mask = torch.zeros((len(queries), s), dtype=torch.long)  # [G, S]
+    for i, q in enumerate(queries):
+        ids[i, : len(q.input_ids)] = torch.as_tensor(q.input_ids)
+        mask[i, : len(q.input_ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(lm: LanguageModel) -> int:
+    tok = lm.tokenizer
+    for tid in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _index_batch(obj, rows: torch.Tensor, n_cap: int):
+    """Select batch rows from captured block arguments: tensors with ndim >= 2 whose first
+    dim is the capture batch size (masks [G,1,S,S], rotary cos/sin [G,S,d]) are indexed;
+    broadcastable ones (batch dim 1 when G > 1, 1-d cache positions) are left alone. KV
+    caches are dropped."""
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim >= 2 and obj.shape[0] == n_cap:
+            return obj.index_select(0, rows)
+        return obj
+    if isinstance(obj, tuple):
+        return tuple(_index_batch(o, rows, n_cap) for o in obj)
+    if isinstance(obj, list):
+        return [_index_batch(o, rows, n_cap) for o in obj]
+    if type(obj).__name__.endswith("Cache"):
+        return None
+    return obj
+
+
+@dataclass
+class _Group:
+    """Everything cached for one padding group of queries (G queries, U units)."""
+
+    qids: list[int]               # global query index per group row
+    ids: torch.Tensor             # [G, S] input ids
+    mask: torch.Tensor            # [G, S] attention mask
+    unit_q: np.ndarray            # [U] group row of each unit (= one object token)
+    unit_pos: np.ndarray          # [U] position of the unit's object token
+    unit_tgt: np.ndarray          # [U] token id of the unit
+    unit_nt: np.ndarray           # [U] object length of the unit's query
+    acts: torch.Tensor            # [U, nL, d_ff] activation a at the unit position
+    blocks: dict                  # layer -> (args, kwargs) of the block call, batch G
+    logits: torch.Tensor          # [U, V] unpatched logits at the unit positions
+
+
+def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int],
+             layers: list[int], site: str) -> _Group:
+    ids, mask = _pad(queries, _pad_id(lm), lm.device)
+    unit_q, unit_pos, unit_tgt, unit_nt = [], [], [], []
+    for g, q in enumerate(queries):
+        for p, y in zip(q.target_positions, q.target_ids):
+            unit_q.append(g)
+            unit_pos.append(p)
+            unit_tgt.append(y)
+            unit_nt.append(len(q.target_ids))
+    uq = torch.as_tensor(unit_q, device=lm.device)
+    up = torch.as_tensor(unit_pos, device=lm.device)
+    fast = lm.spec.head is not None
+    block_layers = range(min(layers), lm.n_layers) if fast else []
+    # no_grad, not inference_mode: the cached block inputs feed the gradient passes
+    with torch.no_grad(), capture_block_inputs(lm, block_layers) as calls, \
+            capture_ffn(lm, layers, site) as acts:
+        out = lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    a = torch.stack([acts[layer][uq, up].float() for layer in layers], dim=1)  # [U, nL, d_ff]
+    logits = out.logits[uq, up].float()  # [U, V]
+    return _Group(qids, ids, mask, np.array(unit_q), np.array(unit_pos), np.array(unit_tgt),
+                  np.array(unit_nt), a, dict(calls), logits)
+
+
+def _amig_baselines(lm: LanguageModel, queries: Sequence[EncodedQuery], grp: _Group,
+                    layers: list[int], site: str, batch_size: int
+                    ) -> tuple[torch.Tensor, list[list[int]]]:
+    """Baseline activations a'_i: the activation at each unit's position when query token i
+    is replaced by the mask (masked LM) / end-of-text (causal LM) token.
+
+    Returns baselines [n_baselines, nL, d_ff] and, per unit, the indices of its baselines.
+    """
+    repl = lm.replacement_id
+    var_q, var_i = [], []
+    for g, q in enumerate(queries):
+        if not q.query_positions:
+            raise ValueError(
+                f"query {grp.qids[g]} has no query tokens to replace (AMIG needs at least one; "
+                "e.g. a causal template with [Y] first)")
+        for i in q.query_positions:
+            var_q.append(g)
+            var_i.append(i)
+    var_q_t = torch.as_tensor(var_q, device=lm.device)
+    ids = grp.ids[var_q_t].clone()  # [V, S]
+    ids[torch.arange(len(var_q), device=lm.device), torch.as_tensor(var_i, device=lm.device)] = repl
+    mask = grp.mask[var_q_t]  # [V, S]
+    # baseline rows: for each unit, each variant of its query
+    base_var, base_pos, unit_bases = [], [], []
+    for g, p in zip(grp.unit_q, grp.unit_pos):
+        mine = [v for v, vq in enumerate(var_q) if vq == g]
+        unit_bases.append(list(range(len(base_var), len(base_var) + len(mine))))
+        base_var.extend(mine)
+        base_pos.extend([int(p)] * len(mine))
+    bv = np.asarray(base_var)
+    bp = np.asarray(base_pos)
+    out = torch.empty((len(base_var), len(layers), lm.d_ff), dtype=torch.float32,
+                      device=lm.device)  # [n_baselines, nL, d_ff]
+    for start in range(0, len(var_q), batch_size):
+        stop = min(start + batch_size, len(var_q))
+        with torch.inference_mode(), capture_ffn(lm, layers, site) as acts:
+            lm.model(input_ids=ids[start:stop], attention_mask=mask[start:stop], use_cache=False)
+            sel = np.nonzero((bv >= start) & (bv < stop))[0]
+            rows = torch.as_tensor(bv[sel] - start, device=lm.device)
+            pos = torch.as_tensor(bp[sel], device=lm.device)
+            vals = torch.stack([acts[layer][rows, pos].float() for layer in layers], dim=1)
+        out[torch.as_tensor(sel, device=lm.device)] = vals.clone()
+    return out, unit_bases
+
+
+def _patcher(rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor):
+    """Replace act[rows[r], pos[r], :] by x[r] (out of place, so gradients reach x)."""
+    def fn(act: torch.Tensor) -> torch.Tensor:  # act: [batch, seq, d_ff]
+        return act.index_put((rows, pos), x.to(act.dtype))
+    return fn
+
+
+def _run_fast(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Tensor,
+              r_layer: np.ndarray, x: torch.Tensor, site: str) -> torch.Tensor:
+    """Hidden states [R, hidden] after the last block at each row's position; rows sorted by
+    layer; row r patched at block r_layer[r] with x[r]."""
+    blocks = lm.blocks()
+    n_cap = grp.ids.shape[0]
+    h = None  # [active rows, S, hidden]
+    for j in range(int(r_layer[0]), lm.n_layers):
+        start, stop = np.searchsorted(r_layer, [j, j + 1])
+        args, kwargs = grp.blocks[j]
+        if stop > start:
+            new = args[0].index_select(0, r_q[start:stop])  # [n_new, S, hidden]
+            h = new if h is None else torch.cat([h, new], dim=0)
+        rows = r_q[: h.shape[0]]
+        call_args = (h, *_index_batch(args[1:], rows, n_cap))
+        call_kwargs = {k: _index_batch(v, rows, n_cap) for k, v in kwargs.items()}
+        for k in ("use_cache", "output_attentions"):
+            if k in call_kwargs:
+                call_kwargs[k] = False
+        if stop > start:
+            idx = torch.arange(start, stop, device=lm.device)
+            ctx = ffn_hooks(lm, {j: _patcher(idx, r_pos[start:stop], x[start:stop])}, site)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            h = blocks[j](*call_args, **call_kwargs)
+        if isinstance(h, tuple):
+            h = h[0]
+    return h[torch.arange(h.shape[0], device=h.device), r_pos]  # [R, hidden]
+
+
+def _run_fallback(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Tensor,
+                  r_layer: np.ndarray, x: torch.Tensor, site: str) -> torch.Tensor:
+    """Logits [R, V] at each row's position from the full model with per-layer hooks."""
+    fns = {}
+    for j in np.unique(r_layer):
+        start, stop = np.searchsorted(r_layer, [j, j + 1])
+        idx = torch.arange(start, stop, device=lm.device)
+        fns[int(j)] = _patcher(idx, r_pos[start:stop], x[start:stop])
+    with ffn_hooks(lm, fns, site):
+        logits = lm.model(input_ids=grp.ids[r_q], attention_mask=grp.mask[r_q],
+                          use_cache=False).logits  # [R, S, V]
+    return logits[torch.arange(len(r_q), device=lm.device), r_pos]
+
+
+def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str = "amig",
+              steps: int = 20, quadrature: str = "riemann", layers: Sequence[int] | None = None,
+              batch_size: int | None = None, autocast: bool = False, site: str = "post"
+              ) -> list[Attribution]:
+    r"""Attribution scores of every FFN neuron for each query.
+
+    For layer l, object token t (activation a at its position, P = P(token t) there, only
+    layer l patched) and baseline a':
+
+        score_j = (a_j - a'_j) * \int_0^1 dP/da_j(a' + alpha (a - a')) dalpha
+                ~ (a_j - a'_j) * sum_k w_k dP/da_j(a' + alpha_k (a - a'))
+
+    ``ig``: a' = 0. ``amig``: mean of the above over the baselines a'_i, i in the query
+    tokens, a'_i = the activation when token i is replaced by the mask (masked LM) or
+    end-of-text (causal LM) token. Scores are averaged over the object's tokens. Completeness:
+    sum_j score_j -> P(a) - P(a') (averaged over baselines/tokens) as steps grow.
+
+    Raises ``ValueError`` for ``amig`` on a query without query tokens (a causal template
+    with ``[Y]`` first has only its start token).
+
+    ``batch_size``: rows (interpolation points) per forward/backward (default 128; on a GPU
+    512-2048 is faster while memory allows).
+    ``layers``: attributed layers (default all; others score 0). ``site="pre"``: attribute
+    w.r.t. the FFN pre-activation instead of the post-nonlinearity activation. ``autocast``:
+    bf16 autocast for the gradient passes (GPU option).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    alphas, weights = quadrature_rule(steps, quadrature)
+    layers = sorted(set(range(lm.n_layers) if layers is None else (int(x) for x in layers)))
+    if not layers or layers[0] < 0 or layers[-1] >= lm.n_layers:
+        raise ValueError(f"layers must be within 0..{lm.n_layers - 1}")
+    for layer in layers:
+        site_module(lm, layer, site)  # validates site for this architecture
+    batch_size = 128 if batch_size is None else max(1, int(batch_size))
+    n_l, dev = len(layers), lm.device
+    layer_arr = np.asarray(layers)
+    alphas_t = torch.as_tensor(alphas, dtype=torch.float32, device=dev)
+    weights_t = torch.as_tensor(weights, dtype=torch.float32, device=dev)
+    results: list[Attribution | None] = [None] * len(queries)
+    order = sorted(range(len(queries)), key=lambda i: len(queries[i].input_ids))
+    run = _run_fast if lm.spec.head is not None else _run_fallback
+
+    with _frozen(lm.model):
+        for g0 in range(0, len(order), _GROUP):
+            qids = order[g0:g0 + _GROUP]
+            qs = [queries[i] for i in qids]
+            grp = _capture(lm, qs, qids, layers, site)
+            n_u = len(grp.unit_q)
+            if method == "ig":
+                bases = torch.zeros((n_u, n_l, lm.d_ff), device=dev)  # [U, nL, d_ff]
+                unit_bases = [[u] for u in range(n_u)]
+            else:
+                bases, unit_bases = _amig_baselines(lm, qs, grp, layers, site, batch_size)
+            # rows: (unit, layer index, baseline, step), sorted by layer
+            rows = [(li, u, b, k) for li in range(n_l) for u in range(n_u)
+                    for b in unit_bases[u] for k in range(steps)]
+            r = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+            r_li, r_u, r_b, r_k = r[:, 0], r[:, 1], r[:, 2], r[:, 3]
+            nb = np.asarray([len(unit_bases[u]) for u in range(n_u)])
+            r_scale = torch.as_tensor(1.0 / (nb[r_u] * grp.unit_nt[r_u]), dtype=torch.float32,
+                                      device=dev)
+            scores = torch.zeros((len(qs) * n_l, lm.d_ff), dtype=torch.float32, device=dev)
+            for s0 in range(0, len(r), batch_size):
+                sl = slice(s0, s0 + batch_size)
+                li_t = torch.as_tensor(r_li[sl], device=dev)
+                u_t = torch.as_tensor(r_u[sl], device=dev)
+                a = grp.acts[u_t, li_t]  # [R, d_ff]
+                b = bases[torch.as_tensor(r_b[sl], device=dev), li_t]  # [R, d_ff]
+                k_t = torch.as_tensor(r_k[sl], device=dev)
+                x = (b + alphas_t[k_t, None] * (a - b)).requires_grad_(True)  # [R, d_ff] leaf
+                r_q = torch.as_tensor(grp.unit_q[r_u[sl]], device=dev)
+                r_pos = torch.as_tensor(grp.unit_pos[r_u[sl]], device=dev)
+                tgt = torch.as_tensor(grp.unit_tgt[r_u[sl]], device=dev)
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = run(lm, grp, r_q, r_pos, layer_arr[r_li[sl]], x, site)
+                    logits = lm.spec.head(lm.model, out) if run is _run_fast else out  # [R, V]
+                p = torch.softmax(logits.float(), dim=-1).gather(1, tgt[:, None]).sum()
+                (grad,) = torch.autograd.grad(p, x)  # [R, d_ff]
+                contrib = (a - b) * grad * (weights_t[k_t] * r_scale[sl])[:, None]
+                scores.index_add_(0, r_q * n_l + li_t, contrib)
+            scores = scores.view(len(qs), n_l, lm.d_ff).cpu().numpy()
+            probs = torch.softmax(grp.logits, dim=-1)  # [U, V]
+            for g, qi in enumerate(qids):
+                units = np.nonzero(grp.unit_q == g)[0]
+                full = np.zeros((lm.n_layers, lm.d_ff), dtype=np.float32)
+                full[layer_arr] = scores[g]
+                u_t = torch.as_tensor(units, device=dev)
+                tg = torch.as_tensor(grp.unit_tgt[units], device=dev)
+                tp = probs[u_t, tg].cpu().numpy().astype(np.float32)
+                lg0 = grp.logits[units[0]]
+                rank = int((lg0 > lg0[int(grp.unit_tgt[units[0]])]).sum().item()) + 1
+                predicted = bool((grp.logits[u_t].argmax(-1) == tg).all().item())
+                results[qi] = Attribution(full, tp, float(tp.mean()), rank, predicted)
+    return results  # type: ignore[return-value]
+
+
+def knowledge_neurons(scores: np.ndarray, threshold: float, max_kn: int | None
+                      ) -> list[tuple[int, int, float]]:
+    """Neurons with ``score > threshold * max(scores)``, as (layer, neuron, score) sorted by
+    score (descending; ties by layer, neuron), at most ``max_kn`` of them. Nothing is
+    selected when the maximum score is not positive."""
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError("scores must be [n_layers, d_ff]")
+    top = float(scores.max()) if scores.size else 0.0
+    if not top > 0:
+        return []
+    layer, neuron = np.nonzero(scores > threshold * top)
+    vals = scores[layer, neuron]
+    order = np.lexsort((neuron, layer, -vals))
+    if max_kn is not None:
+        order = order[: max(0, int(max_kn))]
+    return [(int(layer[i]), int(neuron[i]), float(vals[i])) for i in order]

@@ -1,0 +1,219 @@
+"""Model adapters: one registry entry per architecture, addressed by HF ``config.model_type``.
+
+A *knowledge neuron* is one intermediate neuron of a transformer block's feed-forward network
+(FFN): one coordinate of the activation that enters the FFN's output projection (after the
+nonlinearity, and after the gate product for gated FFNs). The registry tells the rest of the
+library, per architecture, where that activation lives and how to finish a forward pass from
+the hidden states of one block on (the fast attribution path).
+
+Every hook on these modules goes through :mod:`kneurons.hooks` (scoped, removed in ``finally``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Arch = Literal["masked", "causal"]
+ARCH_KINDS: tuple[str, ...] = ("masked", "causal")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to reach the FFN neurons of one architecture.
+
+    ``ffn_site(block)`` is the FFN *output projection* (``BertOutput.dense``, GPT-2 ``mlp.c_proj``,
+    Llama ``mlp.down_proj``...): the knowledge-neuron activation is its **input**
+    ([batch, seq, d_ff]), read and replaced with a forward *pre*-hook. Using the projection's
+    input rather than the activation module's output makes gated FFNs (SwiGLU: act(gate) * up,
+    no module outputs the product) work the same way as plain ones.
+
+    ``ffn_in(block)`` is the FFN *input projection* whose **output** is the pre-activation
+    (``site="pre"``); ``None`` where that is ill-defined (gated FFNs).
+
+    ``head(model, hidden)`` maps last-block hidden states [n, hidden] to logits [n, vocab]
+    (final norm + LM head). It enables the fast path (run blocks l..L-1 from cached inputs,
+    logits only at the target positions); ``None`` means the generic fallback (full model with
+    a hook) is used.
+    """
+
+    model_type: str
+    blocks: Callable[[nn.Module], Sequence[nn.Module]]
+    ffn_site: Callable[[nn.Module], nn.Module]
+    kinds: frozenset[str]
+    ffn_in: Callable[[nn.Module], nn.Module] | None = None
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+
+
+def _bert_like(model_type: str, base: str, head_attr: str) -> ArchSpec:
+    return ArchSpec(
+        model_type=model_type,
+        blocks=lambda m: getattr(m, base).encoder.layer,
+        ffn_site=lambda b: b.output.dense,
+        ffn_in=lambda b: b.intermediate.dense,
+        head=lambda m, h: getattr(m, head_attr)(h),
+        kinds=frozenset({"masked"}),
+    )
+
+
+def _llama_like(model_type: str) -> ArchSpec:
+    return ArchSpec(
+        model_type=model_type,
+        blocks=lambda m: m.model.layers,
+        ffn_site=lambda b: b.mlp.down_proj,
+        ffn_in=None,  # gated FFN: act(gate_proj(x)) * up_proj(x) has no single pre-activation
+        head=lambda m, h: m.lm_head(m.model.norm(h)),
+        kinds=frozenset({"causal"}),
+    )
+
+
+def _neox_out(m: nn.Module) -> nn.Module:
+    # transformers < 5 names the unembedding ``embed_out``, 5.x ``lm_head``
+    out = getattr(m, "lm_head", None)
+    return out if out is not None else m.embed_out
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "bert": _bert_like("bert", "bert", "cls"),
+    "roberta": _bert_like("roberta", "roberta", "lm_head"),
+    "xlm-roberta": _bert_like("xlm-roberta", "roberta", "lm_head"),
+    "gpt2": ArchSpec(
+        model_type="gpt2",
+        blocks=lambda m: m.transformer.h,
+        ffn_site=lambda b: b.mlp.c_proj,
+        ffn_in=lambda b: b.mlp.c_fc,
+        head=lambda m, h: m.lm_head(m.transformer.ln_f(h)),
+        kinds=frozenset({"causal"}),
+    ),
+    "gpt_neox": ArchSpec(
+        model_type="gpt_neox",
+        blocks=lambda m: m.gpt_neox.layers,
+        ffn_site=lambda b: b.mlp.dense_4h_to_h,
+        ffn_in=lambda b: b.mlp.dense_h_to_4h,
+        head=lambda m, h: _neox_out(m)(m.gpt_neox.final_layer_norm(h)),
+        kinds=frozenset({"causal"}),
+    ),
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's ``config.model_type`` has no registry entry, or the LM kind does not fit."""
+
+
+def get_spec(model_type: str) -> ArchSpec:
+    """Registry lookup with an error that lists the supported architectures."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise UnsupportedArchitecture(
+            f"unsupported architecture {model_type!r}; supported model_type values: "
+            f"{', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+@dataclass
+class LanguageModel:
+    """A model in eval mode with its tokenizer and registry entry.
+
+    ``n_layers`` is the number of transformer blocks, ``d_ff`` the FFN intermediate width
+    (neurons per layer).
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    arch: Arch
+    spec: ArchSpec
+    device: torch.device
+    n_layers: int = field(default=0)
+    d_ff: int = field(default=0)
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.spec.blocks(self.model)
+
+    def ffn_site(self, layer: int) -> nn.Module:
+        return self.spec.ffn_site(self.blocks()[layer])
+
+    @property
+    def replacement_id(self) -> int:
+        """Token that replaces one query token for an AMIG baseline: mask (masked LMs),
+        end-of-text (causal LMs)."""
+        tok = self.tokenizer
+        tid = tok.mask_token_id if self.arch == "masked" else tok.eos_token_id
+        if tid is None:
+            what = "mask" if self.arch == "masked" else "eos"
+            raise ValueError(f"the tokenizer has no {what} token, needed for AMIG baselines")
+        return int(tid)
+
+
+def _d_ff(proj: nn.Module) -> int:
+    if isinstance(proj, nn.Linear):
+        return proj.in_features
+    # transformers' Conv1D (GPT-2): weight is [in_features, out_features]
+    return int(proj.weight.shape[0])
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, arch: str,
+               device: str | torch.device = "cpu") -> LanguageModel:
+    """Wrap a model already in memory (toy models, tests): checks, moves to ``device``, eval."""
+    if arch not in ARCH_KINDS:
+        raise ValueError(f"arch must be one of {ARCH_KINDS}, got {arch!r}")
+    model_type = model.config.model_type
+    spec = get_spec(model_type)
+    if arch not in spec.kinds:
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} is supported as {'/'.join(sorted(spec.kinds))} LM only, "
+            f"not as {arch!r}"
+        )
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    blocks = spec.blocks(model)
+    return LanguageModel(model=model, tokenizer=tokenizer, arch=arch, spec=spec, device=dev,
+                         n_layers=len(blocks), d_ff=_d_ff(spec.ffn_site(blocks[0])))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_model(source: str, arch: str, *, revision: str | None = None,
+               trust_remote_code: bool = False, device: str = "cpu",
+               dtype: torch.dtype | None = None) -> LanguageModel:
+    """Load a hub id or local folder as a masked (``AutoModelForMaskedLM``) or causal
+    (``AutoModelForCausalLM``) LM.
+
+    safetensors weights are preferred (``.bin`` is used only when no safetensors exist);
+    ``HF_HUB_OFFLINE=1`` restricts loading to local files/cache. The architecture is checked
+    against the registry before any weights are loaded.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    if arch not in ARCH_KINDS:
+        raise ValueError(f"arch must be one of {ARCH_KINDS}, got {arch!r}")
+    common = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if _offline():
+        common["local_files_only"] = True
+    config = AutoConfig.from_pretrained(source, **common)
+    spec = get_spec(config.model_type)
+    if arch not in spec.kinds:
+        raise UnsupportedArchitecture(
+            f"{source}: model_type {config.model_type!r} is a {'/'.join(sorted(spec.kinds))} LM, "
+            f"but arch={arch!r} was requested"
+        )
+    auto = AutoModelForMaskedLM if arch == "masked" else AutoModelForCausalLM
+    kwargs = dict(common)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = auto.from_pretrained(source, use_safetensors=True, **kwargs)
+    except (OSError, EnvironmentError):
+        model = auto.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    return wrap_model(model, tokenizer, arch, device=device)

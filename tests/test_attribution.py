@@ -1,0 +1,381 @@
+"""IG / AMIG attribution engine against captum, an independent naive loop and completeness.
+
+The references here never use the engine's registry or hooks: they hook the FFN modules by
+hard-coded attribute paths and run the full model, one interpolation point per forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+
+from kneurons.attribution import (METHODS, QUADRATURES, Attribution, attribute,
+                                  knowledge_neurons, quadrature_rule)
+from kneurons.queries import EncodedQuery, encode_query
+
+EN = "The capital of [X] is [Y] ."
+ZH = "[X]的官方语言是[Y]。"
+CAPTUM_METHOD = {"riemann": "riemann_middle", "gauss-legendre": "gausslegendre"}
+
+
+# ----------------------------------------------------------------------------- references
+def raw_site(lm, layer: int, site: str = "post"):
+    """(module, is_input) holding the FFN activation, by hard-coded attribute path."""
+    m, t = lm.model, lm.spec.model_type
+    if t == "bert":
+        blk = m.bert.encoder.layer[layer]
+        return (blk.output.dense, True) if site == "post" else (blk.intermediate.dense, False)
+    if t == "roberta":
+        return m.roberta.encoder.layer[layer].output.dense, True
+    if t == "gpt2":
+        blk = m.transformer.h[layer]
+        return (blk.mlp.c_proj, True) if site == "post" else (blk.mlp.c_fc, False)
+    if t == "llama":
+        return m.model.layers[layer].mlp.down_proj, True
+    if t == "gpt_neox":
+        return m.gpt_neox.layers[layer].mlp.dense_4h_to_h, True
+    raise NotImplementedError(t)
+
+
+def run_with(lm, ids: torch.Tensor, layer: int, site: str, fn):
+    """Full forward of ids [N, S] with act := fn(act) at (layer, site); logits [N, S, V]."""
+    mod, is_input = raw_site(lm, layer, site)
+    if is_input:
+        h = mod.register_forward_pre_hook(lambda m, a: (fn(a[0]),))
+    else:
+        h = mod.register_forward_hook(lambda m, a, out: fn(out))
+    try:
+        return lm.model(input_ids=ids).logits
+    finally:
+        h.remove()
+
+
+def activation(lm, ids: list[int], layer: int, pos: int, site: str = "post") -> torch.Tensor:
+    seen = {}
+
+    def keep(act):
+        seen["a"] = act[0, pos].detach().clone()
+        return act
+    with torch.no_grad():
+        run_with(lm, torch.tensor([ids]), layer, site, keep)
+    return seen["a"]  # [d_ff]
+
+
+def prob_fn(lm, q: EncodedQuery, layer: int, t: int, site: str = "post"):
+    """x [N, d_ff] -> P(object token t) [N], activation at (layer, its position) := x."""
+    pos, tgt = q.target_positions[t], q.target_ids[t]
+    ids = torch.tensor([q.input_ids])
+
+    def f(x):
+        def put(act):
+            act = act.clone()
+            act[:, pos] = x.to(act.dtype)
+            return act
+        logits = run_with(lm, ids.expand(x.shape[0], -1), layer, site, put)
+        return torch.softmax(logits[:, pos].float(), -1)[:, tgt]
+    return f
+
+
+def baselines(lm, q: EncodedQuery, layer: int, t: int, method: str, site: str = "post"):
+    if method == "ig":
+        return [torch.zeros(lm.d_ff)]
+    repl = lm.tokenizer.mask_token_id if lm.arch == "masked" else lm.tokenizer.eos_token_id
+    out = []
+    for i in q.query_positions:
+        ids = list(q.input_ids)
+        ids[i] = repl
+        out.append(activation(lm, ids, layer, q.target_positions[t], site))
+    return out
+
+
+def naive_scores(lm, q: EncodedQuery, method: str, steps: int, quad: str = "riemann",
+                 site: str = "post") -> np.ndarray:
+    """One layer, one baseline, one interpolation point per full forward."""
+    alphas, weights = quadrature_rule(steps, quad)
+    scores = np.zeros((lm.n_layers, lm.d_ff))
+    for layer in range(lm.n_layers):
+        for t in range(len(q.target_ids)):
+            f = prob_fn(lm, q, layer, t, site)
+            a = activation(lm, q.input_ids, layer, q.target_positions[t], site)
+            bs = baselines(lm, q, layer, t, method, site)
+            for b in bs:
+                total = torch.zeros(lm.d_ff, dtype=torch.float64)
+                for alpha, w in zip(alphas, weights):
+                    x = (b + float(alpha) * (a - b))[None].requires_grad_(True)
+                    (g,) = torch.autograd.grad(f(x).sum(), x)
+                    total += w * g[0].double()
+                scores[layer] += ((a - b).double() * total).numpy() / (len(bs) * len(q.target_ids))
+    return scores
+
+
+def expected_sums(lm, q: EncodedQuery, method: str) -> np.ndarray:
+    """Per layer: mean over object tokens (and baselines) of P(a) - P(a')."""
+    out = np.zeros(lm.n_layers)
+    with torch.no_grad():
+        for layer in range(lm.n_layers):
+            for t in range(len(q.target_ids)):
+                f = prob_fn(lm, q, layer, t)
+                a = activation(lm, q.input_ids, layer, q.target_positions[t])
+                bs = baselines(lm, q, layer, t, method)
+                diffs = [f(a[None]).item() - f(b[None]).item() for b in bs]
+                out[layer] += np.mean(diffs) / len(q.target_ids)
+    return out
+
+
+def argmax_query(lm, template: str, subject: str, target: str) -> EncodedQuery:
+    """The query with the model's own prediction as object (decent probabilities)."""
+    q = encode_query(lm, template, subject, target)
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([q.input_ids])).logits[0]
+    pred = [int(logits[p].argmax()) for p in q.target_positions[:1]]
+    if lm.arch == "masked":
+        ids = list(q.input_ids)
+        ids[q.target_positions[0]] = lm.tokenizer.mask_token_id
+        return EncodedQuery(ids, pred, q.target_positions[:1], q.query_positions)
+    n = q.target_positions[0] + 1
+    return EncodedQuery(q.input_ids[:n], pred, [n - 1], q.query_positions)
+
+
+def pearson(x, y) -> float:
+    return float(np.corrcoef(np.ravel(x), np.ravel(y))[0, 1])
+
+
+def without_head(lm):
+    """Same model, generic fallback path (full model with hooks)."""
+    return dataclasses.replace(lm, spec=dataclasses.replace(lm.spec, head=None))
+
+
+# ----------------------------------------------------------------------------- captum
+@pytest.mark.parametrize("quad", QUADRATURES)
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2"])
+def test_ig_matches_captum(name, quad, request):
+    lm = request.getfixturevalue(name)
+    q = argmax_query(lm, EN, "Tanzania", "Dodoma")
+    steps = 16
+    (res,) = attribute(lm, [q], method="ig", steps=steps, quadrature=quad)
+    for layer in range(lm.n_layers):
+        a = activation(lm, q.input_ids, layer, q.target_positions[0])
+        ig = IntegratedGradients(prob_fn(lm, q, layer, 0))
+        ref = ig.attribute(a[None], baselines=torch.zeros(1, lm.d_ff), n_steps=steps,
+                           method=CAPTUM_METHOD[quad])[0].detach().numpy()
+        assert pearson(res.scores[layer], ref) >= 0.9999
+        assert np.abs(res.scores[layer] - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_pre_activation_site_matches_captum(tiny_gpt2):
+    lm = tiny_gpt2
+    q = argmax_query(lm, EN, "Tanzania", "Dodoma")
+    (res,) = attribute(lm, [q], method="ig", steps=12, site="pre")
+    (post,) = attribute(lm, [q], method="ig", steps=12)
+    for layer in range(lm.n_layers):
+        a = activation(lm, q.input_ids, layer, q.target_positions[0], site="pre")
+        ig = IntegratedGradients(prob_fn(lm, q, layer, 0, site="pre"))
+        ref = ig.attribute(a[None], baselines=torch.zeros(1, lm.d_ff), n_steps=12,
+                           method="riemann_middle")[0].detach().numpy()
+        assert pearson(res.scores[layer], ref) >= 0.9999
+        assert np.abs(res.scores[layer] - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert not np.allclose(res.scores, post.scores, atol=1e-2 * np.abs(post.scores).max())
+
+
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2"])
+def test_amig_is_mean_of_captum_ig_over_token_baselines(name, request):
+    lm = request.getfixturevalue(name)
+    q = argmax_query(lm, EN, "Tanzania", "Dodoma")
+    (res,) = attribute(lm, [q], method="amig", steps=10)
+    for layer in range(lm.n_layers):
+        a = activation(lm, q.input_ids, layer, q.target_positions[0])
+        ig = IntegratedGradients(prob_fn(lm, q, layer, 0))
+        refs = [ig.attribute(a[None], baselines=b[None], n_steps=10,
+                             method="riemann_middle")[0].detach().numpy()
+                for b in baselines(lm, q, layer, 0, "amig")]
+        assert len(refs) == len(q.query_positions) > 1
+        ref = np.mean(refs, axis=0)
+        assert pearson(res.scores[layer], ref) >= 0.9999
+        assert np.abs(res.scores[layer] - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+# ----------------------------------------------------------------------------- completeness
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name,template,subject,target", [
+    ("tiny_bert", EN, "Tanzania", None),
+    ("tiny_gpt2", EN, "Tanzania", None),
+    ("tiny_bert", ZH, "坦桑尼亚", "斯瓦希里语"),      # zh, multi-token
+    ("tiny_gpt2", "[X] is located in [Y] .", "Kilimanjaro", "Tanzania"),
+])
+def test_completeness(name, template, subject, target, method, request):
+    lm = request.getfixturevalue(name)
+    q = (argmax_query(lm, template, subject, "Dodoma") if target is None
+         else encode_query(lm, template, subject, target))
+    exp = expected_sums(lm, q, method)
+    assert np.abs(exp).max() > 1e-4  # a real check, not 0 == 0
+
+    def close(res: Attribution) -> bool:
+        got = res.scores.sum(axis=1)
+        return bool(np.all(np.abs(got - exp) <= 0.01 * np.abs(exp) + 1e-6))
+
+    (r200,) = attribute(lm, [q], method=method, steps=200)
+    assert close(r200), (r200.scores.sum(axis=1), exp)
+    (gl,) = attribute(lm, [q], method=method, steps=12, quadrature="gauss-legendre")
+    assert close(gl), (gl.scores.sum(axis=1), exp)
+
+
+# ----------------------------------------------------------------------------- engine
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name,template,subject,target", [
+    ("tiny_bert", "[X] is located in [Y] .", "Tanzania", "Kilimanjaro"),   # 3 masks
+    ("tiny_gpt2", EN, "Tanzania", "Dodoma"),                              # multi-token causal
+    ("tiny_llama", EN, "France", "Paris"),
+])
+def test_engine_equals_naive_loop(name, template, subject, target, method, request):
+    lm = request.getfixturevalue(name)
+    q = encode_query(lm, template, subject, target)
+    assert len(q.target_ids) > 1
+    (res,) = attribute(lm, [q], method=method, steps=3, batch_size=50)
+    ref = naive_scores(lm, q, method, steps=3)
+    assert np.abs(res.scores - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert pearson(res.scores, ref) >= 0.99999
+
+
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_roberta", "tiny_llama",
+                                  "tiny_neox"])
+def test_fallback_path_equals_fast_path(name, request):
+    lm = request.getfixturevalue(name)
+    qs = [encode_query(lm, EN, "Tanzania", "Dodoma"),
+          encode_query(lm, ZH, "坦桑尼亚", "斯瓦希里语")]
+    fast = attribute(lm, qs, method="amig", steps=3, batch_size=64)
+    slow = attribute(without_head(lm), qs, method="amig", steps=3, batch_size=64)
+    for f, s in zip(fast, slow):
+        assert np.isfinite(f.scores).all() and np.abs(f.scores).max() > 0
+        np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())
+        np.testing.assert_allclose(f.token_probs, s.token_probs, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama"])
+def test_batching_and_padding_invariance(name, method, request):
+    lm = request.getfixturevalue(name)
+    qa = encode_query(lm, EN, "Tanzania", "Dodoma")
+    others = [encode_query(lm, ZH, "坦桑尼亚", "斯瓦希里语"),
+              encode_query(lm, "[X] is located in [Y] .", "Kilimanjaro", "Tanzania"),
+              encode_query(lm, "The official language of [X] is [Y] .", "Tanzania", "Swahili")]
+    assert len({len(q.input_ids) for q in [qa, *others]}) >= 3  # padding happens
+    (alone,) = attribute(lm, [qa], method=method, steps=4)
+    for bs in (None, 7, 1000):
+        mixed = attribute(lm, [others[0], qa, *others[1:]], method=method, steps=4, batch_size=bs)
+        tol = 1e-5 * np.abs(alone.scores).max()
+        np.testing.assert_allclose(mixed[1].scores, alone.scores, rtol=0, atol=tol)
+        np.testing.assert_allclose(mixed[1].token_probs, alone.token_probs, rtol=1e-5)
+        (other_alone,) = attribute(lm, [others[0]], method=method, steps=4)
+        np.testing.assert_allclose(mixed[0].scores, other_alone.scores, rtol=0,
+                                   atol=1e-5 * np.abs(other_alone.scores).max())
+
+
+@pytest.mark.parametrize("name,template,subject,target", [
+    ("tiny_bert", "[X] is located in [Y] .", "Tanzania", "Kilimanjaro"),
+    ("tiny_gpt2", EN, "Tanzania", "Dodoma"),
+])
+def test_multi_token_scores_are_mean_over_tokens(name, template, subject, target, request):
+    lm = request.getfixturevalue(name)
+    q = encode_query(lm, template, subject, target)
+    singles = [EncodedQuery(q.input_ids, [y], [p], q.query_positions)
+               for y, p in zip(q.target_ids, q.target_positions)]
+    res = attribute(lm, [q, *singles], method="amig", steps=3)
+    mean = np.mean([r.scores for r in res[1:]], axis=0)
+    np.testing.assert_allclose(res[0].scores, mean, rtol=0, atol=1e-6 * np.abs(mean).max())
+    np.testing.assert_allclose(res[0].token_probs, [r.token_probs[0] for r in res[1:]], rtol=1e-6)
+    assert res[0].prob == pytest.approx(float(np.mean(res[0].token_probs)))
+    assert not np.allclose(res[1].scores, res[2].scores)
+
+
+def test_probability_rank_and_predicted(tiny_bert, tiny_gpt2):
+    # masked: direct softmax at the mask
+    q = encode_query(tiny_bert, EN, "Tanzania", "Dodoma")
+    with torch.no_grad():
+        logits = tiny_bert.model(input_ids=torch.tensor([q.input_ids])).logits[0]
+    logits = logits[q.target_positions[0]]
+    (r,) = attribute(tiny_bert, [q], method="ig", steps=2)
+    expected = torch.softmax(logits, -1)[q.target_ids[0]].item()
+    assert r.token_probs[0] == pytest.approx(expected, rel=1e-5)
+    assert r.rank == int((logits > logits[q.target_ids[0]]).sum()) + 1
+    assert r.predicted == (r.rank == 1)
+    # causal: greedy continuation is predicted, with rank 1
+    lm = tiny_gpt2
+    prefix = lm.tokenizer("The capital of Tanzania is")["input_ids"]
+    ids = list(prefix)
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    greedy = EncodedQuery(ids[:-1], ids[len(prefix):], [len(prefix) - 1 + t for t in range(3)],
+                          list(range(len(prefix))))
+    wrong = dataclasses.replace(greedy, target_ids=greedy.target_ids[:2] + [(ids[-1] + 1) % 50])
+    rg, rw = attribute(lm, [greedy, wrong], method="ig", steps=2)
+    assert rg.predicted and rg.rank == 1 and not rw.predicted and rw.rank == 1
+    assert rg.token_probs.shape == (3,) and rg.prob == pytest.approx(float(rg.token_probs.mean()))
+
+
+def test_object_first_templates(tiny_bert, tiny_gpt2):
+    qm = encode_query(tiny_bert, "[Y] is the capital of [X] .", "Tanzania", "Dodoma")
+    (rm,) = attribute(tiny_bert, [qm], method="amig", steps=3)
+    np.testing.assert_allclose(rm.scores, naive_scores(tiny_bert, qm, "amig", 3), rtol=0,
+                               atol=1e-4 * np.abs(rm.scores).max())
+    qc = encode_query(tiny_gpt2, "[Y] is the capital of [X] .", "Tanzania", "Dodoma")
+    (rc,) = attribute(tiny_gpt2, [qc], method="ig", steps=3)
+    assert np.isfinite(rc.scores).all() and np.abs(rc.scores).max() > 0
+    with pytest.raises(ValueError, match="no query tokens"):
+        attribute(tiny_gpt2, [qc], method="amig", steps=3)
+
+
+def test_layer_subset(tiny_bert):
+    q = encode_query(tiny_bert, EN, "Tanzania", "Dodoma")
+    (full,) = attribute(tiny_bert, [q], method="amig", steps=3)
+    (sub,) = attribute(tiny_bert, [q], method="amig", steps=3, layers=[1])
+    assert sub.scores.shape == (tiny_bert.n_layers, tiny_bert.d_ff)
+    assert not sub.scores[[0, 2]].any()
+    np.testing.assert_allclose(sub.scores[1], full.scores[1], rtol=0,
+                               atol=1e-6 * np.abs(full.scores[1]).max())
+
+
+def test_autocast_runs_close_to_float32(tiny_bert):
+    q = encode_query(tiny_bert, EN, "Tanzania", "Dodoma")
+    (ref,) = attribute(tiny_bert, [q], method="ig", steps=4)
+    (bf,) = attribute(tiny_bert, [q], method="ig", steps=4, autocast=True)
+    assert bf.scores.dtype == np.float32
+    assert pearson(bf.scores, ref.scores) > 0.9
+
+
+def test_bad_arguments(tiny_bert, tiny_llama):
+    q = encode_query(tiny_bert, EN, "Tanzania", "Dodoma")
+    with pytest.raises(ValueError, match="method"):
+        attribute(tiny_bert, [q], method="deeplift")
+    with pytest.raises(ValueError, match="quadrature"):
+        attribute(tiny_bert, [q], quadrature="simpson")
+    with pytest.raises(ValueError, match="layers"):
+        attribute(tiny_bert, [q], layers=[5])
+    ql = encode_query(tiny_llama, EN, "Tanzania", "Dodoma")
+    with pytest.raises(ValueError, match="gated"):
+        attribute(tiny_llama, [ql], site="pre")
+
+
+def test_quadrature_rules_integrate_polynomials():
+    a, w = quadrature_rule(5, "gauss-legendre")
+    assert np.sum(w * a ** 9) == pytest.approx(0.1, rel=1e-12)  # exact to degree 9
+    a, w = quadrature_rule(4, "riemann")
+    np.testing.assert_allclose(a, [0.125, 0.375, 0.625, 0.875])
+    assert w.sum() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- selection
+def test_knowledge_neurons_threshold_and_cap():
+    s = np.zeros((3, 5), dtype=np.float32)
+    s[0, 1], s[2, 4], s[1, 0], s[1, 3], s[2, 2] = 1.0, 0.5, 0.21, 0.19, 0.5
+    assert knowledge_neurons(s, 0.2, None) == [(0, 1, 1.0), (2, 2, 0.5), (2, 4, 0.5),
+                                               (1, 0, pytest.approx(0.21))]
+    assert knowledge_neurons(s, 0.2, 2) == [(0, 1, 1.0), (2, 2, 0.5)]
+    assert knowledge_neurons(s, 0.6, None) == [(0, 1, 1.0)]
+    assert knowledge_neurons(-np.abs(s), 0.2, None) == []  # no positive score
+    with pytest.raises(ValueError):
+        knowledge_neurons(s[0], 0.2, None)

@@ -1,0 +1,93 @@
+"""Architecture registry, wrap_model and load_model (tiny models, no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build, make_bert_tokenizer
+from kneurons.models import ARCHITECTURES, UnsupportedArchitecture, get_spec, load_model, wrap_model
+
+
+def test_registry_covers_required_architectures():
+    for name in ("bert", "gpt2", "roberta", "xlm-roberta", "llama", "gpt_neox"):
+        assert ARCHITECTURES[name].model_type == name
+
+
+def test_unknown_architecture_lists_supported():
+    with pytest.raises(UnsupportedArchitecture) as err:
+        get_spec("t5")
+    msg = str(err.value)
+    assert "'t5'" in msg
+    for name in ("bert", "gpt2", "llama"):
+        assert name in msg
+
+
+def test_wrap_model_rejects_unregistered_model_type():
+    from transformers import ElectraConfig, ElectraForMaskedLM
+
+    model = ElectraForMaskedLM(ElectraConfig(vocab_size=20, embedding_size=8, hidden_size=8,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=8))
+    with pytest.raises(UnsupportedArchitecture, match="electra.*supported.*bert"):
+        wrap_model(model, make_bert_tokenizer(), "masked")
+
+
+def test_wrap_model_rejects_wrong_kind(tiny_gpt2):
+    with pytest.raises(UnsupportedArchitecture, match="causal"):
+        wrap_model(tiny_gpt2.model, tiny_gpt2.tokenizer, "masked")
+    with pytest.raises(ValueError, match="arch must be"):
+        wrap_model(tiny_gpt2.model, tiny_gpt2.tokenizer, "seq2seq")
+
+
+@pytest.mark.parametrize("kind,n_layers,d_ff,arch", [
+    ("bert", 3, 48, "masked"), ("roberta", 2, 40, "masked"), ("gpt2", 3, 48, "causal"),
+    ("llama", 2, 40, "causal"), ("gpt_neox", 2, 40, "causal"),
+])
+def test_wrapped_shapes(kind, n_layers, d_ff, arch):
+    lm = build(kind)
+    assert (lm.n_layers, lm.d_ff, lm.arch) == (n_layers, d_ff, arch)
+    assert not lm.model.training
+    assert lm.device == torch.device("cpu")
+    # the site's input really is d_ff wide
+    seen = {}
+    h = lm.ffn_site(0).register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=torch.tensor([[3, 4, 5, 6]]))
+    finally:
+        h.remove()
+    assert seen["x"].shape == (1, 4, d_ff)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_load_model_from_local_folder(kind, tmp_path, monkeypatch):
+    lm = build(kind)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model(str(tmp_path), lm.arch)
+    assert (loaded.n_layers, loaded.d_ff) == (lm.n_layers, lm.d_ff)
+    assert loaded.spec.model_type == kind and not loaded.model.training
+    ids = torch.tensor([lm.tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(input_ids=ids).logits, lm.model(input_ids=ids).logits,
+                              atol=1e-5)
+    assert loaded.tokenizer("The capital")["input_ids"] == lm.tokenizer("The capital")["input_ids"]
+    other = "causal" if lm.arch == "masked" else "masked"
+    with pytest.raises(UnsupportedArchitecture, match=f"arch='{other}'"):
+        load_model(str(tmp_path), other)
+
+
+def test_load_model_falls_back_to_bin_weights(tmp_path):
+    import os
+
+    lm = build("bert")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save(lm.model.state_dict(), tmp_path / "pytorch_model.bin")
+    loaded = load_model(str(tmp_path), "masked", dtype=torch.float64)
+    w = loaded.model.bert.encoder.layer[2].output.dense.weight
+    assert w.dtype == torch.float64
+    assert torch.allclose(w.float(), lm.model.bert.encoder.layer[2].output.dense.weight)
