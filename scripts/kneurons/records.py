@@ -1,0 +1,92 @@
+"""The attribution shard format: one record per (fact, candidate); torch-free.
+
+A shard holds one record per (fact, candidate), where the candidate is the fact's true object
+(``candidate == "true"``) or its wrong object (``"wrong"``). The true object of every fact is
+attributed (its knowledge neurons are what DKN discovery needs). The wrong object is attributed
+only where the fact will be *checked*: every evaluation fact, and the discovery facts of the
+calibration slice (``calibration == True``), on which an automatic fact-checking threshold is
+chosen. For these checked facts both candidates keep their full score matrix, because the
+degenerate knowledge neurons at which fact checking reads the scores are known only after
+aggregation; every record keeps its ``keep_top`` best-scoring neurons, among which its
+knowledge neurons are chosen later (so a change of the knowledge-neuron threshold reruns no
+attribution).
+
+Columns of a shard (one row per record):
+
+==============  ===============  ====================================================
+column          type             meaning
+==============  ===============  ====================================================
+uuid            str              the fact (LAMA T-REx uuid, the same in every language)
+lineid          int64            the fact's line in LAMA T-REx
+relation        str              Wikidata property, e.g. ``P36``
+candidate       str              ``true`` or ``wrong``
+obj_uri         str              the candidate's Wikidata id
+obj_label       str              the candidate's label in this language
+checked         bool             the fact is fact-checked (evaluation or calibration)
+n_tokens        int64            the candidate's number of tokens
+prob            float64          mean over its tokens of P(token | query), unpatched
+token_probs     list<float64>    P(token | query) of each token
+rank            int64            1-based rank of the first token at its position
+predicted       bool             the model's own prediction equals the candidate
+top_layers      list<int16>      layers of the ``keep_top`` best neurons, best first
+top_neurons     list<int32>      their indices in the layer's FFN
+top_scores      list<float32>    their attribution scores (probability units)
+scores          binary or null   float16 [n_layers, d_ff] row-major, checked facts only
+==============  ===============  ====================================================
+
+The parquet metadata holds ``n_layers``, ``d_ff``, ``method`` and ``steps``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .io import atomic_path
+
+CANDIDATES = ("true", "wrong")
+
+def top_neurons(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` best neurons of a [n_layers, d_ff] score matrix, best first (ties by index)."""
+    flat = scores.reshape(-1)
+    k = min(k, flat.size)
+    order = np.lexsort((np.arange(flat.size), -flat))[:k]
+    layers, neurons = np.divmod(order, scores.shape[1])
+    return layers.astype(np.int16), neurons.astype(np.int32), flat[order].astype(np.float32)
+
+def write_shard(records: pd.DataFrame, path: str | Path, metadata: dict) -> None:
+    """Write a shard with its metadata (n_layers, d_ff, method, steps) atomically."""
+    table = pa.Table.from_pandas(records, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[b"kneurons"] = json.dumps(metadata, sort_keys=True).encode()
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+def read_shard(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """A shard's records and its metadata."""
+    table = pq.read_table(path)
+    metadata = json.loads(table.schema.metadata[b"kneurons"])
+    return table.to_pandas(), metadata
+
+def read_shards(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, dict]:
+    """The records of several shards of one model (their metadata must agree)."""
+    frames, metadata = [], None
+    for path in paths:
+        records, meta = read_shard(path)
+        if metadata is not None and meta != metadata:
+            raise ValueError(f"{path}: metadata {meta} differs from {metadata} of the other shards")
+        frames.append(records)
+        metadata = meta
+    if metadata is None:
+        raise ValueError("no shards given")
+    return pd.concat(frames, ignore_index=True), metadata
+
+def score_matrix(record_scores: bytes, n_layers: int, d_ff: int) -> np.ndarray:
+    """The float32 [n_layers, d_ff] score matrix of a checked record."""
+    return np.frombuffer(record_scores, dtype=np.float16).reshape(n_layers, d_ff).astype(np.float32)

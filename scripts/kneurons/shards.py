@@ -1,0 +1,177 @@
+"""Attribution shards: the attribution of every candidate object of a slice of facts.
+
+The record format is documented in :mod:`kneurons.records`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .attribution import attribute
+from .checkpoint import Checkpoint
+from .models import LanguageModel
+from .queries import encode_query
+from .records import top_neurons, write_shard
+
+log = logging.getLogger(__name__)
+
+def shard_of(facts: pd.DataFrame, shard: int, n_shards: int) -> pd.DataFrame:
+    """The facts of shard ``shard`` of ``n_shards``: every n-th fact, so relations spread evenly."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in 0..{n_shards - 1}")
+    ordered = facts.sort_values(["relation", "lineid"], kind="stable").reset_index(drop=True)
+    return ordered.iloc[shard::n_shards].reset_index(drop=True)
+
+
+def attributable(lm: LanguageModel, facts: pd.DataFrame, method: str) -> pd.Series:
+    """Which facts ``method`` can attribute: AMIG needs at least one query token to replace,
+    which a causal model lacks when the template starts with ``[Y]`` (e.g. P1923)."""
+    if method != "amig" or lm.arch != "causal":
+        return pd.Series(True, index=facts.index)
+    return ~facts["template"].str.lstrip().str.startswith("[Y]")
+
+
+def candidate_table(facts: pd.DataFrame, part: str) -> pd.DataFrame:
+    """One row per (fact, candidate) to attribute, in a fixed order."""
+    checked = np.ones(len(facts), bool) if part == "evaluation" else facts.get(
+        "calibration", pd.Series(False, index=facts.index)).to_numpy(bool)
+    base = facts.assign(checked=checked)
+    keep = ["uuid", "lineid", "relation", "template", "sub_label", "checked"]
+    true = base[keep + ["obj_uri", "obj_label"]].assign(candidate="true")
+    wrong = base.loc[base["checked"], keep + ["wrong_obj_uri", "wrong_obj_label"]]
+    wrong = wrong.rename(columns={"wrong_obj_uri": "obj_uri", "wrong_obj_label": "obj_label"})
+    table = pd.concat([true, wrong.assign(candidate="wrong")], ignore_index=True)
+    order = {"true": 0, "wrong": 1}
+    table["_order"] = table["candidate"].map(order)
+    table = table.sort_values(["relation", "lineid", "_order"], kind="stable")
+    return table.drop(columns="_order").reset_index(drop=True)
+
+
+
+
+def _fingerprint(candidates: pd.DataFrame, options: dict) -> str:
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    digest.update(pd.util.hash_pandas_object(
+        candidates[["uuid", "candidate", "obj_label", "template", "sub_label"]], index=False
+    ).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def attribute_candidates(
+    lm: LanguageModel,
+    candidates: pd.DataFrame,
+    *,
+    method: str,
+    steps: int,
+    quadrature: str,
+    keep_top: int,
+    batch_queries: int = 8,
+    checkpoint: Checkpoint | None = None,
+    progress: TextIO | None = None,
+) -> pd.DataFrame:
+    """Attribute every row of ``candidates`` (see ``candidate_table``); returns the records.
+
+    Records are written to ``checkpoint`` every ``batch_queries`` rows; rows already there are
+    not attributed again.
+    """
+    done = checkpoint.load() if checkpoint is not None else None
+    start = 0 if done is None else len(done)
+    if start:
+        log.info("resuming after %d of %d records from the checkpoint", start, len(candidates))
+    records = [done] if done is not None else []
+    bar = tqdm(total=len(candidates), initial=start, file=progress, desc="attribution",
+               mininterval=5.0, unit="query")
+    for begin in range(start, len(candidates), batch_queries):
+        rows = candidates.iloc[begin:begin + batch_queries]
+        queries = [encode_query(lm, row.template, row.sub_label, row.obj_label)
+                   for row in rows.itertuples()]
+        tic = time.perf_counter()
+        results = attribute(lm, queries, method=method, steps=steps, quadrature=quadrature)
+        log.debug("%d queries in %.2f s", len(queries), time.perf_counter() - tic)
+        chunk = _records(rows, queries, results, keep_top)
+        if checkpoint is not None:
+            checkpoint.append(chunk)
+        records.append(chunk)
+        bar.update(len(rows))
+    bar.close()
+    if not records:
+        return _records(candidates.iloc[:0], [], [], keep_top)
+    return pd.concat(records, ignore_index=True)
+
+
+def _records(rows: pd.DataFrame, queries: Sequence, results: Sequence, keep_top: int) -> pd.DataFrame:
+    out = rows[["uuid", "lineid", "relation", "candidate", "obj_uri", "obj_label", "checked"]]
+    out = out.reset_index(drop=True).copy()
+    tops = [top_neurons(result.scores, keep_top) for result in results]
+    out["n_tokens"] = np.array([len(query.target_ids) for query in queries], dtype=np.int64)
+    out["prob"] = np.array([result.prob for result in results], dtype=np.float64)
+    out["token_probs"] = [np.asarray(result.token_probs, np.float64).tolist() for result in results]
+    out["rank"] = np.array([result.rank for result in results], dtype=np.int64)
+    out["predicted"] = np.array([result.predicted for result in results], dtype=bool)
+    out["top_layers"] = [top[0].tolist() for top in tops]
+    out["top_neurons"] = [top[1].tolist() for top in tops]
+    out["top_scores"] = [top[2].tolist() for top in tops]
+    out["scores"] = [
+        result.scores.astype(np.float16).tobytes() if checked else None
+        for result, checked in zip(results, out["checked"])
+    ]
+    return out
+
+
+
+
+
+
+
+
+
+
+def run_shard(
+    lm: LanguageModel,
+    facts: pd.DataFrame,
+    *,
+    part: str,
+    shard: int,
+    n_shards: int,
+    method: str,
+    steps: int,
+    quadrature: str,
+    keep_top: int,
+    output: str | Path,
+    batch_queries: int = 8,
+    progress: TextIO | None = None,
+    identity: dict | None = None,
+) -> pd.DataFrame:
+    """Attribute one shard of a part's facts and write it to ``output``, resumably.
+
+    ``identity`` (e.g. the model's source and revision) enters the checkpoint fingerprint.
+    """
+    facts = shard_of(facts, shard, n_shards)
+    usable = attributable(lm, facts, method)
+    if not usable.all():
+        log.warning("%d facts skipped: %s cannot attribute them (relations %s)",
+                    int((~usable).sum()), method, sorted(set(facts.loc[~usable, "relation"])))
+    candidates = candidate_table(facts[usable], part)
+    options = dict(method=method, steps=steps, quadrature=quadrature, keep_top=keep_top,
+                   identity=identity or {})
+    checkpoint = Checkpoint(Path(str(output) + ".checkpoint"), _fingerprint(candidates, options))
+    log.info("%s shard %d/%d: %d candidates of %d facts", part, shard, n_shards, len(candidates),
+             candidates["uuid"].nunique())
+    records = attribute_candidates(lm, candidates, method=method, steps=steps,
+                                   quadrature=quadrature, keep_top=keep_top,
+                                   batch_queries=batch_queries, checkpoint=checkpoint,
+                                   progress=progress)
+    write_shard(records, output, dict(n_layers=lm.n_layers, d_ff=lm.d_ff, method=method,
+                                      steps=steps, quadrature=quadrature))
+    checkpoint.remove()
+    return records
