@@ -15,9 +15,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/attribution.smk"
+include: "workflow/rules/neurons.smk"
+include: "workflow/rules/factcheck.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
-        split_outputs(),
-        attribution_outputs(),
+        final_outputs(),

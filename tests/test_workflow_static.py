@@ -44,7 +44,7 @@ def test_snakefmt_is_clean():
 
 
 def test_default_dry_run_plans_every_stage():
-    result = snakemake("-n", "--cores", "1", "--configfile", "config.yaml")
+    result = snakemake("-n", "--forceall", "--cores", "1", "--configfile", "config.yaml")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -55,7 +55,7 @@ def test_default_dry_run_plans_every_stage():
 
 
 def test_paper_config_plans_without_toy_models():
-    result = snakemake("-n", "--cores", "1", "--configfile", "configs/paper.yaml")
+    result = snakemake("-n", "--forceall", "--cores", "1", "--configfile", "configs/paper.yaml")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert "train_toy_model" not in counts  # the default's toy models are not merged in

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -38,11 +39,25 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
         df.to_parquet(tmp, index=False)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by None and numpy scalars by Python ones."""
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as indented, key-sorted UTF-8 JSON to ``path`` atomically."""
+    """Write ``obj`` as indented, key-sorted, strict UTF-8 JSON (NaN -> null) atomically."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, ensure_ascii=False,
+                      allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                       encoding="utf-8")
+        tmp.write_text(text + "\n", encoding="utf-8")
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:

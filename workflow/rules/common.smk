@@ -8,6 +8,8 @@ VERSIONS = {
     "data": 1,
     "toy": 1,
     "attribution": 1,
+    "dkn": 1,
+    "factcheck": 1,
 }
 
 LANGUAGES = list(config["mlama"]["languages"])
@@ -70,17 +72,7 @@ def mlama_source_path():
     return "results/data/download/mlama1.1.zip" if is_url(source) else source
 
 
-def split_outputs():
-    return expand(
-        "results/data/facts/{lang}/{part}.parquet", lang=LANGUAGES, part=PARTS
-    )
-
-
 # ---- models -----------------------------------------------------------------------------
-
-
-def model_spec(alias):
-    return MODELS[alias]
 
 
 def model_input(wildcards):
@@ -114,7 +106,7 @@ def toy_model_languages(wildcards):
     return [lang for lang in LANGUAGES if lang in MODELS[wildcards.model]["languages"]]
 
 
-# ---- attribution ------------------------------------------------------------------------
+# ---- models x languages ------------------------------------------------------------------------
 
 
 def model_lang_pairs():
@@ -123,10 +115,21 @@ def model_lang_pairs():
     ]
 
 
-def attribution_outputs():
+def expand_pairs(pattern):
+    """``pattern`` with {model} and {lang} filled for every model and each of its languages."""
     return [
-        f"results/attribution/{alias}/{lang}/{part}/shard-{shard}.parquet"
-        for alias, lang in model_lang_pairs()
-        for part in PARTS
-        for shard in SHARDS
+        pattern.format(model=alias, lang=lang) for alias, lang in model_lang_pairs()
+    ]
+
+
+def final_outputs():
+    return [
+        "results/reports/fact_check.csv",
+        "results/reports/fact_check.md",
+        *expand_pairs("results/neurons/{model}/{lang}/neuron_stats.csv"),
+        *[
+            f"results/models/{alias}/train_metrics.json"
+            for alias, spec in MODELS.items()
+            if spec.get("toy")
+        ],
     ]

@@ -1,0 +1,17 @@
+"""Rule aggregate_dkn: each relation's DKN set and KN/DKN statistics of a model and language."""
+import logging
+
+import pandas as pd
+
+from kneurons.dkn import aggregate_relations
+from kneurons.io import atomic_path, write_json
+from kneurons.logs import configure
+
+configure(snakemake.log[0])
+query_dkn = pd.concat([pd.read_parquet(path) for path in snakemake.input], ignore_index=True)
+summary, stats, layers = aggregate_relations(query_dkn, snakemake.params.relation_threshold)
+logging.info("%d relations, %d with DKN", len(stats), int((stats["n_dkn"] > 0).sum()))
+write_json(summary, snakemake.output.dkn)
+for table, path in ((stats, snakemake.output.stats), (layers, snakemake.output.layers)):
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)

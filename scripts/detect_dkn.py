@@ -1,0 +1,27 @@
+"""Rule detect_dkn: degenerate knowledge-neuron pairs of one discovery shard's queries."""
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kneurons.checkpoint import Checkpoint
+from kneurons.devices import pick_device
+from kneurons.dkn import detect_dkn_records
+from kneurons.io import write_parquet
+from kneurons.logs import configure
+from kneurons.models import load_model
+from kneurons.records import read_shard
+
+progress = configure(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+params = snakemake.params
+lm = load_model(params.model["source"], params.model["arch"], revision=params.model["revision"],
+                trust_remote_code=params.model["trust_remote_code"], device=pick_device())
+records, _ = read_shard(snakemake.input.attribution)
+options = {key: params[key] for key in ("kn_threshold", "max_kn", "single_drop", "pair_drop")}
+checkpoint = Checkpoint(Path(snakemake.output[0] + ".checkpoint"),
+                        repr(sorted({**options, "model": params.model, "n": len(records)}.items())))
+found = detect_dkn_records(lm, pd.read_parquet(snakemake.input.facts), records, **options,
+                           checkpoint=checkpoint, progress=progress)
+write_parquet(found, snakemake.output[0])
+checkpoint.remove()

@@ -1,0 +1,219 @@
+"""Degenerate knowledge neurons (DKN), per query and per relation.
+
+Paper definition (Chen et al., AAAI 2024, with the defaults of the authors' code): among the
+knowledge neurons of a query, a pair (a, b) is *degenerate* when suppressing a alone and b alone
+each keeps the probability of the true object at least ``(1 - single_drop)`` of the original,
+while suppressing both together lowers it below ``(1 - pair_drop)`` of the original.
+Suppressing a neuron sets its activation to 0 at the object position(s). The probability of a
+multi-token object is the mean of its per-token probabilities (as everywhere in kneurons).
+
+A relation's DKN set: count, over the relation's discovery queries, how many have each neuron
+in at least one DKN pair; the set is the neurons whose count exceeds ``relation_threshold``
+times the largest count.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .hooks import suppress_batch
+from .models import LanguageModel
+from .queries import EncodedQuery, encode_query
+
+Neuron = tuple[int, int]  # (layer, index in the layer's FFN)
+
+
+@dataclass
+class QueryDKN:
+    """What DKN detection measured for one query."""
+
+    kn: list[Neuron]                     # the query's knowledge neurons
+    base_prob: float                     # P(true object), nothing suppressed
+    single_probs: list[float]            # P(true object) with kn[i] suppressed
+    pairs: list[tuple[Neuron, Neuron]]   # degenerate pairs, in kn order
+    pair_probs: list[float]              # P(true object) with each degenerate pair suppressed
+    tested_pairs: int = 0                # pairs whose joint suppression was measured
+    dkn: list[Neuron] = field(default_factory=list)  # neurons in at least one degenerate pair
+
+
+def robust_singles(base_prob: float, single_probs: Sequence[float], single_drop: float) -> list[int]:
+    """Indices of the neurons whose lone suppression keeps >= (1 - single_drop) of base_prob."""
+    floor = (1.0 - single_drop) * base_prob
+    return [i for i, prob in enumerate(single_probs) if prob >= floor]
+
+
+def is_degenerate_drop(base_prob: float, pair_prob: float, pair_drop: float) -> bool:
+    """Joint suppression lowers the probability below (1 - pair_drop) of base_prob."""
+    return pair_prob < (1.0 - pair_drop) * base_prob
+
+
+def detect_query_dkn(
+    lm: LanguageModel,
+    query: EncodedQuery,
+    kn: Sequence[Neuron],
+    *,
+    single_drop: float,
+    pair_drop: float,
+    batch_size: int | None = 256,
+) -> QueryDKN:
+    """Measure single and pair suppressions of ``kn`` for ``query`` and return its DKN.
+
+    One batched forward pass (in chunks of ``batch_size`` rows) measures the unpatched
+    probability and every single suppression; a second measures every pair of robust singles
+    (pairs with a non-robust member cannot be degenerate, so they are not measured).
+    """
+    kn = [(int(layer), int(neuron)) for layer, neuron in kn]
+    first = suppress_batch(lm, query, [[]] + [[neuron] for neuron in kn], batch_size=batch_size)
+    probs = first.mean(axis=1)  # [1 + n_kn]: mean over the object's tokens
+    base_prob, single_probs = float(probs[0]), [float(p) for p in probs[1:]]
+    robust = robust_singles(base_prob, single_probs, single_drop)
+    candidates = list(combinations(robust, 2))
+    pairs, pair_probs = [], []
+    if candidates:
+        joint = suppress_batch(lm, query, [[kn[i], kn[j]] for i, j in candidates],
+                               batch_size=batch_size).mean(axis=1)
+        for (i, j), prob in zip(candidates, joint):
+            if is_degenerate_drop(base_prob, float(prob), pair_drop):
+                pairs.append((kn[i], kn[j]))
+                pair_probs.append(float(prob))
+    members = sorted({neuron for pair in pairs for neuron in pair})
+    return QueryDKN(kn=kn, base_prob=base_prob, single_probs=single_probs, pairs=pairs,
+                    pair_probs=pair_probs, tested_pairs=len(candidates), dkn=members)
+
+
+def relation_dkn(query_dkns: Iterable[Iterable[Neuron]], relation_threshold: float
+                 ) -> tuple[list[Neuron], Counter]:
+    """A relation's DKN set from its queries' DKN members, and the per-neuron query counts.
+
+    Neurons counted in more than ``relation_threshold`` x (largest count) queries are kept,
+    sorted by count (descending), then layer and index.
+    """
+    counts: Counter = Counter()
+    for members in query_dkns:
+        counts.update({(int(layer), int(neuron)) for layer, neuron in members})
+    if not counts:
+        return [], counts
+    cutoff = relation_threshold * max(counts.values())
+    kept = [neuron for neuron, count in counts.items() if count > cutoff]
+    kept.sort(key=lambda neuron: (-counts[neuron], neuron))
+    return kept, counts
+
+
+def knowledge_neurons_of(top_layers: Sequence[int], top_neurons: Sequence[int],
+                         top_scores: Sequence[float], threshold: float, max_kn: int
+                         ) -> list[Neuron]:
+    """Knowledge neurons from a record's stored best neurons (best first): score above
+    ``threshold`` x the record's maximum score, at most ``max_kn``."""
+    scores = np.asarray(top_scores, dtype=np.float64)
+    if scores.size == 0 or scores[0] <= 0:
+        return []
+    keep = scores > threshold * scores[0]
+    chosen = [(int(layer), int(neuron)) for layer, neuron, k in
+              zip(top_layers, top_neurons, keep) if k]
+    return chosen[:max_kn]
+
+
+def detect_dkn_records(
+    lm: LanguageModel,
+    facts: pd.DataFrame,
+    records: pd.DataFrame,
+    *,
+    kn_threshold: float,
+    max_kn: int,
+    single_drop: float,
+    pair_drop: float,
+    checkpoint: Checkpoint | None = None,
+    every: int = 16,
+    progress=None,
+) -> pd.DataFrame:
+    """DKN of every true-object record of a discovery attribution shard.
+
+    ``facts`` gives each uuid's template and subject (to rebuild the query). Returns one row
+    per query: uuid, relation, kn_layers, kn_neurons, base_prob, single_probs, tested_pairs,
+    pair_layers, pair_neurons ([a, b] per degenerate pair), pair_probs, dkn_layers,
+    dkn_neurons. Rows are checkpointed every ``every`` queries.
+    """
+    true = records[records["candidate"] == "true"].merge(
+        facts[["uuid", "template", "sub_label"]], on="uuid", how="left", validate="one_to_one")
+    if true["template"].isna().any():
+        missing = true.loc[true["template"].isna(), "uuid"].tolist()[:5]
+        raise ValueError(f"attribution records without a fact: {missing}")
+    done = checkpoint.load() if checkpoint is not None else None
+    rows: list[dict] = []
+    chunks = [done] if done is not None else []
+    start = 0 if done is None else len(done)
+    bar = tqdm(total=len(true), initial=start, file=progress, desc="DKN", mininterval=5.0,
+               unit="query")
+    for record in true.iloc[start:].itertuples():
+        kn = knowledge_neurons_of(record.top_layers, record.top_neurons, record.top_scores,
+                                  kn_threshold, max_kn)
+        query = encode_query(lm, record.template, record.sub_label, record.obj_label)
+        found = detect_query_dkn(lm, query, kn, single_drop=single_drop, pair_drop=pair_drop)
+        rows.append(dict(
+            uuid=record.uuid, relation=record.relation,
+            kn_layers=[n[0] for n in found.kn], kn_neurons=[n[1] for n in found.kn],
+            base_prob=found.base_prob, single_probs=found.single_probs,
+            tested_pairs=found.tested_pairs,
+            pair_layers=[[a[0], b[0]] for a, b in found.pairs],
+            pair_neurons=[[a[1], b[1]] for a, b in found.pairs],
+            pair_probs=found.pair_probs,
+            dkn_layers=[n[0] for n in found.dkn], dkn_neurons=[n[1] for n in found.dkn]))
+        bar.update(1)
+        if len(rows) == every:
+            chunk = pd.DataFrame(rows)
+            if checkpoint is not None:
+                checkpoint.append(chunk)
+            chunks.append(chunk)
+            rows = []
+    bar.close()
+    if rows:
+        chunks.append(pd.DataFrame(rows))
+    if not chunks:
+        return pd.DataFrame(columns=["uuid", "relation", "kn_layers", "kn_neurons", "base_prob",
+                                     "single_probs", "tested_pairs", "pair_layers",
+                                     "pair_neurons", "pair_probs", "dkn_layers", "dkn_neurons"])
+    return pd.concat(chunks, ignore_index=True)
+
+
+def aggregate_relations(query_dkn: pd.DataFrame, relation_threshold: float
+                        ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Per relation: the DKN set (see ``relation_dkn``) and statistics.
+
+    ``query_dkn``: rows of ``detect_dkn_records``. Returns the JSON-able
+    ``{"relation_threshold", "relations": {rel: {"dkn": [[layer, neuron], ...],
+    "counts": [...], "n_queries", "queries_with_dkn"}}}``; a statistics table with one row per
+    relation (n_queries, mean_kn, mean_pairs, queries_with_dkn, n_dkn, mean_base_prob); and the
+    layer distribution of the DKN sets (relation, layer, n_dkn).
+    """
+    relations: dict = {}
+    stats, layers = [], []
+    for relation, group in query_dkn.groupby("relation", sort=True):
+        members = [list(zip(ls, ns)) for ls, ns in zip(group["dkn_layers"], group["dkn_neurons"])]
+        kept, counts = relation_dkn(members, relation_threshold)
+        with_dkn = int(sum(1 for m in members if len(m)))
+        relations[relation] = {
+            "dkn": [[layer, neuron] for layer, neuron in kept],
+            "counts": [counts[neuron] for neuron in kept],
+            "n_queries": int(len(group)),
+            "queries_with_dkn": with_dkn,
+        }
+        stats.append(dict(relation=relation, n_queries=int(len(group)),
+                          mean_kn=float(np.mean([len(k) for k in group["kn_layers"]])),
+                          mean_pairs=float(np.mean([len(p) for p in group["pair_layers"]])),
+                          queries_with_dkn=with_dkn, n_dkn=len(kept),
+                          mean_base_prob=float(group["base_prob"].mean())))
+        for layer, n in sorted(Counter(layer for layer, _ in kept).items()):
+            layers.append(dict(relation=relation, layer=int(layer), n_dkn=int(n)))
+    summary = {"relation_threshold": relation_threshold, "relations": relations}
+    stats_df = pd.DataFrame(stats, columns=["relation", "n_queries", "mean_kn", "mean_pairs",
+                                            "queries_with_dkn", "n_dkn", "mean_base_prob"])
+    layers_df = pd.DataFrame(layers, columns=["relation", "layer", "n_dkn"])
+    return summary, stats_df, layers_df

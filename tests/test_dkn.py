@@ -1,0 +1,112 @@
+"""Degenerate knowledge neurons: the pair logic on hand-made outcomes, detection against
+direct forward passes, and the relation-level aggregation."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kneurons.dkn import (aggregate_relations, detect_dkn_records, detect_query_dkn, is_degenerate_drop,
+                          knowledge_neurons_of, relation_dkn, robust_singles)
+from kneurons.hooks import FFNEdit, edit_ffn
+from kneurons.queries import encode_query
+
+
+def test_robust_singles_and_pair_drop_follow_the_definition():
+    # base 0.5: a single suppression must keep >= 0.8 * 0.5 = 0.4
+    assert robust_singles(0.5, [0.45, 0.40, 0.39, 0.6], single_drop=0.2) == [0, 1, 3]
+    # joint suppression must fall below 0.75 * 0.5 = 0.375
+    assert is_degenerate_drop(0.5, 0.374, pair_drop=0.25)
+    assert not is_degenerate_drop(0.5, 0.375, pair_drop=0.25)
+
+
+def test_relation_dkn_keeps_neurons_above_the_share_of_the_largest_count():
+    queries = [[(0, 1), (1, 2)], [(0, 1), (1, 2)], [(0, 1), (1, 3)], [(0, 1)], [(1, 2), (0, 1)]]
+    # counts: (0,1) 5, (1,2) 3, (1,3) 1; t = 0.5 -> count > 2.5
+    kept, counts = relation_dkn(queries, 0.5)
+    assert kept == [(0, 1), (1, 2)]
+    assert counts[(1, 3)] == 1
+    kept, _ = relation_dkn(queries, 0.6)  # > 3 -> only (0, 1)
+    assert kept == [(0, 1)]
+    assert relation_dkn([[], []], 0.7) == ([], {})
+    # a neuron listed twice in one query counts once
+    kept, counts = relation_dkn([[(2, 2), (2, 2)]], 0.7)
+    assert counts[(2, 2)] == 1 and kept == [(2, 2)]
+
+
+def test_knowledge_neurons_from_the_stored_best_neurons():
+    layers, neurons, scores = [1, 0, 1, 0], [5, 3, 2, 7], [1.0, 0.5, 0.2, 0.1]
+    assert knowledge_neurons_of(layers, neurons, scores, 0.3, 10) == [(1, 5), (0, 3)]
+    assert knowledge_neurons_of(layers, neurons, scores, 0.15, 2) == [(1, 5), (0, 3)]
+    assert knowledge_neurons_of(layers, neurons, [-1.0, -2.0, -3.0, -4.0], 0.2, 10) == []
+
+
+def _direct_prob(lm, query, neurons):
+    edits = [FFNEdit(layer=layer, neurons=[neuron], positions=query.target_positions)
+             for layer, neuron in neurons]
+    with torch.inference_mode(), edit_ffn(lm, edits):
+        logits = lm.model(input_ids=torch.tensor([query.input_ids])).logits[0]
+    probs = torch.softmax(logits[query.target_positions].float(), -1)
+    return float(probs[range(len(query.target_ids)), query.target_ids].mean())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_gpt2"])
+def test_detection_matches_direct_forwards(request, fixture):
+    lm = request.getfixturevalue(fixture)
+    query = encode_query(lm, "[X] lives in [Y] .", "Anna", "Paris France")
+    kn = [(0, 1), (0, 5), (1, 2), (1, 7), (0, 9)]
+    # every single is robust (single_drop 1) and a pair is degenerate when it lowers P at all
+    found = detect_query_dkn(lm, query, kn, single_drop=1.0, pair_drop=0.0, batch_size=4)
+    base = _direct_prob(lm, query, [])
+    assert found.base_prob == pytest.approx(base, rel=1e-4)
+    assert found.single_probs == pytest.approx([_direct_prob(lm, query, [n]) for n in kn], rel=1e-4)
+    expected = [(a, b) for a, b in combinations(kn, 2) if _direct_prob(lm, query, [a, b]) < base]
+    assert found.pairs == expected
+    assert found.tested_pairs == 10
+    assert 0 < len(expected) < 10  # the check is not vacuous
+    # strict singles: a neuron whose removal costs more than 1e-9 is not robust
+    strict = detect_query_dkn(lm, query, kn, single_drop=0.0, pair_drop=0.0)
+    robust = [n for n, p in zip(kn, strict.single_probs) if p >= base]
+    assert all(a in robust and b in robust for a, b in strict.pairs)
+
+
+def test_records_runner_and_its_columns(tiny_bert):
+    facts = pd.DataFrame({"uuid": ["u1", "u2"], "template": ["[X] lives in [Y] .", "[Y] is [X] ."],
+                          "sub_label": ["Anna", "Bob"]})
+    records = pd.DataFrame({
+        "uuid": ["u1", "u1", "u2"], "relation": ["P1", "P1", "P2"],
+        "candidate": ["true", "wrong", "true"], "obj_label": ["Paris", "Rome", "London"],
+        "top_layers": [[0, 1, 0], [0], [1, 1]], "top_neurons": [[1, 2, 3], [4], [5, 6]],
+        "top_scores": [[1.0, 0.5, 0.1], [1.0], [2.0, 1.0]]})
+    out = detect_dkn_records(tiny_bert, facts, records, kn_threshold=0.2, max_kn=5,
+                             single_drop=1.0, pair_drop=0.0)
+    assert out["uuid"].tolist() == ["u1", "u2"]  # true candidates only
+    assert out.loc[0, "kn_layers"] == [0, 1] and out.loc[0, "kn_neurons"] == [1, 2]
+    assert out.loc[1, "tested_pairs"] == 1
+    assert np.isfinite(out["base_prob"]).all()
+
+
+def test_aggregate_relations_by_hand():
+    rows = pd.DataFrame({
+        "uuid": ["a", "b", "c", "d"], "relation": ["P1", "P1", "P1", "P2"],
+        "kn_layers": [[0, 1], [0, 1, 1], [0], []], "kn_neurons": [[1, 2], [1, 2, 3], [1], []],
+        "base_prob": [0.5, 0.3, 0.1, 0.2],
+        "pair_layers": [[[0, 1]], [[0, 1], [1, 1]], [], []],
+        "pair_neurons": [[[1, 2]], [[1, 2], [2, 3]], [], []],
+        "dkn_layers": [[0, 1], [0, 1, 1], [], []], "dkn_neurons": [[1, 2], [1, 2, 3], [], []]})
+    summary, stats, layers = aggregate_relations(rows, 0.7)
+    # P1 counts: (0,1) 2, (1,2) 2, (1,3) 1 -> > 1.4 keeps the first two
+    assert summary["relations"]["P1"]["dkn"] == [[0, 1], [1, 2]]
+    assert summary["relations"]["P1"]["counts"] == [2, 2]
+    assert summary["relations"]["P1"]["queries_with_dkn"] == 2
+    assert summary["relations"]["P2"] == {"dkn": [], "counts": [], "n_queries": 1,
+                                          "queries_with_dkn": 0}
+    p1 = stats.set_index("relation").loc["P1"]
+    assert p1["mean_kn"] == pytest.approx(2.0) and p1["mean_pairs"] == pytest.approx(1.0)
+    assert p1["n_dkn"] == 2 and p1["mean_base_prob"] == pytest.approx(0.3)
+    assert layers.to_dict("records") == [{"relation": "P1", "layer": 0, "n_dkn": 1},
+                                         {"relation": "P1", "layer": 1, "n_dkn": 1}]

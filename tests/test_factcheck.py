@@ -1,0 +1,250 @@
+"""Fact checking with DKN: scores, metrics and the threshold, against hand-counted values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kneurons.factcheck import (candidate_thresholds, choose_threshold, dkn_by_relation,
+                                dkn_scores, f1_curve, fact_check_metrics,
+                                per_relation_metrics)
+from kneurons.records import score_matrix
+
+N_LAYERS, D_FF = 2, 4
+DKN = {"P36": [(0, 1), (1, 2), (0, 1)], "P19": []}  # (0, 1) twice: a set, counted once
+
+
+def matrix(a: float, b: float) -> bytes:
+    """float16 [2, 4] with a at (0, 1), b at (1, 2) and 100 elsewhere (wrong cells show)."""
+    m = np.full((N_LAYERS, D_FF), 100.0, dtype=np.float16)
+    m[0, 1], m[1, 2] = a, b
+    return m.tobytes()
+
+
+def record(uuid, relation, candidate, scores, checked=True, prob=0.5, predicted=False):
+    return {"uuid": uuid, "lineid": 0, "relation": relation, "candidate": candidate,
+            "obj_uri": "Q1", "obj_label": "x", "checked": checked, "n_tokens": 1,
+            "prob": prob, "token_probs": [prob], "rank": 1, "predicted": predicted,
+            "top_layers": [0], "top_neurons": [0], "top_scores": [0.0], "scores": scores}
+
+
+@pytest.fixture()
+def records() -> pd.DataFrame:
+    rows = [
+        record("f2", "P36", "wrong", matrix(0.75, 0.25), prob=0.125),
+        record("f2", "P36", "true", matrix(1.0, 2.0), prob=0.25, predicted=True),
+        record("f1", "P36", "true", matrix(0.5, 0.25), prob=0.75),
+        record("f1", "P36", "wrong", matrix(-0.5, 0.0), prob=0.0625),
+        record("f3", "P37", "true", matrix(9.0, 9.0), prob=0.5, predicted=True),  # no DKN entry
+        record("f3", "P37", "wrong", matrix(9.0, 9.0), prob=0.375),
+        record("f5", "P19", "true", None, prob=0.5),  # empty DKN list: scores never read
+        record("f5", "P19", "wrong", None, prob=0.5),
+        record("f4", "P36", "true", None, checked=False),  # unchecked: left out
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_dkn_scores_mean_over_the_dkn_set(records):
+    out = dkn_scores(records, DKN, N_LAYERS, D_FF)
+    assert list(out.columns) == ["uuid", "relation", "candidate", "label", "dkn_score", "prob",
+                                 "predicted", "has_dkn"]
+    assert list(zip(out["relation"], out["uuid"], out["candidate"])) == [
+        ("P19", "f5", "true"), ("P19", "f5", "wrong"),
+        ("P36", "f1", "true"), ("P36", "f1", "wrong"),
+        ("P36", "f2", "true"), ("P36", "f2", "wrong"),
+        ("P37", "f3", "true"), ("P37", "f3", "wrong")]
+    assert out["label"].tolist() == [1, 0, 1, 0, 1, 0, 1, 0]
+    # (0.5 + 0.25) / 2, (-0.5 + 0) / 2, (1 + 2) / 2, (0.75 + 0.25) / 2
+    assert out["dkn_score"].iloc[2:6].tolist() == [0.375, -0.25, 1.5, 0.5]
+    assert out["dkn_score"].iloc[[0, 1, 6, 7]].isna().all()
+    assert out["has_dkn"].tolist() == [False, False, True, True, True, True, False, False]
+    assert out["prob"].iloc[2:6].tolist() == [0.75, 0.0625, 0.25, 0.125]
+    assert out["predicted"].tolist() == [False, False, False, False, True, False, True, False]
+    assert "f4" not in set(out["uuid"])
+
+
+def test_dkn_scores_match_the_shard_score_matrix(records):
+    out = dkn_scores(records, DKN, N_LAYERS, D_FF).set_index(["uuid", "candidate"])
+    for row in records[(records["relation"] == "P36") & records["checked"]].itertuples():
+        m = score_matrix(row.scores, N_LAYERS, D_FF)
+        assert out.loc[(row.uuid, row.candidate), "dkn_score"] == pytest.approx(
+            (m[0, 1] + m[1, 2]) / 2)
+
+
+def test_dkn_scores_rejects_bad_input(records):
+    with pytest.raises(ValueError, match=r"neuron \(2, 0\)"):
+        dkn_scores(records, {"P36": [(2, 0)]}, N_LAYERS, D_FF)
+    with pytest.raises(ValueError, match="exactly one true and one wrong"):
+        dkn_scores(records.drop(index=0), DKN, N_LAYERS, D_FF)
+    with pytest.raises(ValueError, match=r"has 16 bytes of scores; expected 12 bytes"):
+        dkn_scores(records, DKN, N_LAYERS, 3)
+    bad = records.copy()
+    bad.loc[2, "scores"] = None
+    with pytest.raises(ValueError, match="f1/true has no scores"):
+        dkn_scores(bad, DKN, N_LAYERS, D_FF)
+
+
+def test_dkn_scores_without_checked_records(records):
+    out = dkn_scores(records[~records["checked"]], DKN, N_LAYERS, D_FF)
+    assert len(out) == 0 and "dkn_score" in out.columns
+
+
+def test_dkn_by_relation_reads_the_dkn_json():
+    doc = {"relations": {"P36": {"dkn": [[0, 1], [1, 2]], "n": 3}, "P19": {"dkn": []}}}
+    assert dkn_by_relation(doc) == {"P36": [(0, 1), (1, 2)], "P19": []}
+
+
+# Hand-made scores: facts f1, f2 (P36), f3 (P19) have DKN; f4 (P37) has none.
+#   row  fact label dkn_score prob  predicted
+#   A    f1   1     0.9       0.6   T
+#   B    f1   0     0.2       0.3   F
+#   C    f2   1     0.4       0.2   F
+#   D    f2   0     0.5       0.5   T
+#   E    f3   1     0.7       0.4   T
+#   F    f3   0     0.1       0.1   F
+#   G    f4   1     NaN       0.7   T
+#   H    f4   0     NaN       0.05  F
+def hand_scores() -> pd.DataFrame:
+    return pd.DataFrame({
+        "uuid": ["f1", "f1", "f2", "f2", "f3", "f3", "f4", "f4"],
+        "relation": ["P36", "P36", "P36", "P36", "P19", "P19", "P37", "P37"],
+        "candidate": ["true", "wrong"] * 4,
+        "label": [1, 0, 1, 0, 1, 0, 1, 0],
+        "dkn_score": [0.9, 0.2, 0.4, 0.5, 0.7, 0.1, np.nan, np.nan],
+        "prob": [0.6, 0.3, 0.2, 0.5, 0.4, 0.1, 0.7, 0.05],
+        "predicted": [True, False, False, True, True, False, True, False],
+        "has_dkn": [True] * 6 + [False] * 2,
+    })
+
+
+def test_fact_check_metrics_by_hand():
+    m = fact_check_metrics(hand_scores(), 0.45)
+    w = m["with_DKN"]
+    # judged correct: A, D, E (G has no DKN). TP = A, E; FP = D; FN = C, G; TN = B, F, H
+    assert w["precision"] == pytest.approx(2 / 3)
+    assert w["recall"] == pytest.approx(2 / 4)
+    assert w["f1"] == pytest.approx(4 / 7)
+    # class "wrong": judged wrong B, C, F, G, H; TP = B, F, H; FP = C, G; FN = D
+    assert w["precision_wrong"] == pytest.approx(3 / 5)
+    assert w["recall_wrong"] == pytest.approx(3 / 4)
+    assert w["f1_wrong"] == pytest.approx(6 / 9)
+    # NaN -> 0.1 - 1; pairs (pos > neg) of 16: 0.9: 4, 0.4: 3, 0.7: 4, -0.9: tie with H 0.5
+    assert w["auroc"] == pytest.approx(11.5 / 16)
+    assert w["auroc_wrong"] == pytest.approx(11.5 / 16)
+    assert w["threshold"] == 0.45
+    assert (w["n_true"], w["n_wrong"], w["n_facts"], w["n_no_dkn"]) == (4, 4, 4, 2)
+    assert (w["n_relations"], w["n_relations_no_dkn"]) == (3, 1)
+
+    b = m["wo_DKN"]
+    # judged correct = predicted: A, D, E, G. TP = A, E, G; FP = D; FN = C
+    assert (b["precision"], b["recall"], b["f1"]) == pytest.approx((3 / 4, 3 / 4, 3 / 4))
+    # class "wrong": judged wrong B, C, F, H; TP = B, F, H; FP = C; FN = D
+    assert (b["precision_wrong"], b["recall_wrong"], b["f1_wrong"]) == pytest.approx(
+        (3 / 4, 3 / 4, 3 / 4))
+    # prob pairs of 16: 0.6: 4, 0.2: 2, 0.4: 3, 0.7: 4
+    assert b["auroc"] == pytest.approx(13 / 16)
+    assert b["threshold"] is None
+    assert b["n_no_dkn"] == 2
+
+
+def test_a_score_equal_to_lambda_is_not_above_it():
+    # λ = 0.5 = D's score: judged correct only A (0.9) and E (0.7); TP 2, FP 0, FN 2
+    w = fact_check_metrics(hand_scores(), 0.5)["with_DKN"]
+    assert (w["precision"], w["recall"], w["f1"]) == pytest.approx((1.0, 0.5, 4 / 6))
+    curve = f1_curve(hand_scores(), [0.5])
+    assert (curve["tp"].iloc[0], curve["fp"].iloc[0], curve["fn"].iloc[0]) == (2, 0, 2)
+
+
+def test_fact_check_metrics_edge_cases():
+    only_true = hand_scores().query("label == 1")
+    assert math.isnan(fact_check_metrics(only_true, 0.45)["with_DKN"]["auroc"])
+    assert math.isnan(fact_check_metrics(only_true, 0.45)["wo_DKN"]["auroc"])
+    nan_lambda = fact_check_metrics(hand_scores(), math.nan)["with_DKN"]
+    assert (nan_lambda["precision"], nan_lambda["recall"], nan_lambda["f1"]) == (0, 0, 0)
+    assert nan_lambda["recall_wrong"] == 1.0
+    empty = fact_check_metrics(hand_scores().iloc[:0], 0.45)["with_DKN"]
+    assert (empty["f1"], empty["n_true"], empty["n_facts"]) == (0.0, 0, 0)
+    assert math.isnan(empty["auroc"])
+
+
+def test_choose_threshold_by_hand():
+    s = hand_scores()
+    assert candidate_thresholds(s) == pytest.approx([-0.9, 0.15, 0.3, 0.45, 0.6, 0.8])
+    # F1 per candidate (4 positives, G never judged correct):
+    # -0.9: 6/10, 0.15: 6/9, 0.3: TP 3 FP 1 FN 1 -> 6/8, 0.45: 4/7, 0.6: 4/6, 0.8: 2/5
+    assert choose_threshold(s) == pytest.approx(0.3)
+    # only dkn_score and label matter: row order, prob and predicted do not
+    shuffled = s.sample(frac=1.0, random_state=1).assign(prob=0.0, predicted=True)
+    assert choose_threshold(shuffled) == pytest.approx(0.3)
+
+
+def test_choose_threshold_ties_take_the_smallest_lambda():
+    s = pd.DataFrame({"uuid": list("abcd"), "relation": "P1", "label": [1, 0, 0, 1],
+                      "dkn_score": [1.0, 2.0, 3.0, 4.0], "has_dkn": True})
+    # 0.0: TP 2 FP 2 -> 4/6; 1.5: 2/5; 2.5: 2/4; 3.5: TP 1 FN 1 -> 2/3 (tie with 0.0)
+    assert f1_curve(s, [0.0, 3.5])["f1"].tolist() == [2 / 3, 2 / 3]
+    assert choose_threshold(s) == 0.0
+
+
+def test_choose_threshold_counts_relations_without_dkn_as_missed():
+    finite = pd.DataFrame({"label": [1, 0, 0, 0, 1], "dkn_score": [0.1, 0.2, 0.3, 0.4, 0.9],
+                           "uuid": list("abcde"), "relation": "P1", "has_dkn": True})
+    # alone: -0.9: 4/7, 0.65: TP 1 FN 1 -> 2/3 (best)
+    assert choose_threshold(finite) == pytest.approx(0.65)
+    missed = pd.DataFrame({"label": [1, 1], "dkn_score": [np.nan, np.nan], "uuid": ["f", "g"],
+                           "relation": "P2", "has_dkn": False})
+    # with two more positives never judged correct: -0.9: 4/9 (best), 0.65: 2/5
+    assert choose_threshold(pd.concat([finite, missed])) == pytest.approx(-0.9)
+    assert math.isnan(choose_threshold(missed))
+
+
+def test_f1_curve_by_hand():
+    curve = f1_curve(hand_scores(), [0.3, 0.45, 10.0])
+    assert curve["tp"].tolist() == [3, 2, 0]
+    assert curve["fp"].tolist() == [1, 1, 0]
+    assert curve["fn"].tolist() == [1, 2, 4]
+    assert curve["precision"].tolist() == pytest.approx([3 / 4, 2 / 3, 0.0])
+    assert curve["recall"].tolist() == pytest.approx([3 / 4, 1 / 2, 0.0])
+    assert curve["f1"].tolist() == pytest.approx([3 / 4, 4 / 7, 0.0])
+    assert curve["f1"].iloc[1] == pytest.approx(fact_check_metrics(hand_scores(), 0.45)
+                                                ["with_DKN"]["f1"])
+
+
+def test_per_relation_metrics_by_hand():
+    out = per_relation_metrics(hand_scores(), 0.45)
+    assert list(out.columns) == ["relation", "method", "n", "precision", "recall", "f1",
+                                 "has_dkn"]
+    assert list(zip(out["relation"], out["method"])) == [
+        ("P19", "wo_DKN"), ("P19", "with_DKN"), ("P36", "wo_DKN"), ("P36", "with_DKN"),
+        ("P37", "wo_DKN"), ("P37", "with_DKN")]
+    assert out["n"].tolist() == [2, 2, 4, 4, 2, 2]
+    # P19: E correct, F not, both methods. P36: A TP, B TN, C FN, D FP, both methods.
+    # P37: wo_DKN G TP, H TN; with_DKN nothing judged correct
+    assert out["precision"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
+    assert out["recall"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
+    assert out["f1"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
+    assert out["has_dkn"].tolist() == [True, True, True, True, False, False]
+
+
+def test_check_facts_takes_lambda_from_the_calibration_slice_only(records):
+    from kneurons.factcheck import check_facts
+
+    # calibration: P36 true 1.0 vs wrong 0.0 -> the best λ separates them, midpoint 0.5
+    calibration = pd.DataFrame([record("c1", "P36", "true", matrix(1.0, 1.0)),
+                                record("c1", "P36", "wrong", matrix(0.0, 0.0)),
+                                record("c2", "P36", "true", None, checked=False)])
+    auto = check_facts(records, calibration, DKN, N_LAYERS, D_FF, "auto")
+    assert auto["threshold_source"] == "auto" and auto["threshold"] == pytest.approx(0.5)
+    assert auto["metrics"]["with_DKN"]["threshold"] == pytest.approx(0.5)
+    # evaluation P36 scores: true 0.375, wrong -0.25, true 1.5, wrong 0.5 -> only f2 true is > 0.5
+    assert auto["metrics"]["with_DKN"]["recall"] == pytest.approx(1 / 4)
+    assert len(auto["calibration_scores"]) == 2
+    fixed = check_facts(records, calibration, DKN, N_LAYERS, D_FF, 0.3)
+    assert fixed["threshold_source"] == "config" and fixed["threshold"] == 0.3
+    # at 0.3: f1 true 0.375, f2 true 1.5 and f2 wrong 0.5 are above -> recall 2/4
+    assert fixed["metrics"]["with_DKN"]["recall"] == pytest.approx(2 / 4)
+    assert set(fixed["per_relation"]["relation"]) == {"P19", "P36", "P37"}
+    assert fixed["f1_curve"]["threshold"].is_monotonic_increasing

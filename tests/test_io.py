@@ -1,0 +1,31 @@
+"""Atomic writers: the output appears whole or not at all; JSON is strict."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kneurons.io import atomic_path, write_json, write_parquet
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("job killed")
+    assert not target.exists()
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_json_is_strict_and_numpy_aware(tmp_path):
+    path = tmp_path / "m.json"
+    write_json({"lam": float("nan"), "n": np.int64(3), "xs": [np.float32(0.5), float("inf")]}, path)
+    assert json.loads(path.read_text()) == {"lam": None, "n": 3, "xs": [0.5, None]}
+
+
+def test_parquet_round_trip(tmp_path):
+    df = pd.DataFrame({"a": [1, 2], "b": ["x", "猫"]})
+    write_parquet(df, tmp_path / "t.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "t.parquet"), df)

@@ -1,0 +1,30 @@
+# Stage 4: fact checking with the relations' DKN (with_DKN) and by the model itself (wo_DKN).
+
+
+rule fact_check:
+    input:
+        evaluation=lambda wildcards: expand(
+            "results/attribution/{{model}}/{{lang}}/evaluation/shard-{shard}.parquet",
+            shard=SHARDS,
+        ),
+        discovery=lambda wildcards: expand(
+            "results/attribution/{{model}}/{{lang}}/discovery/shard-{shard}.parquet",
+            shard=SHARDS,
+        ),
+        dkn="results/neurons/{model}/{lang}/dkn_by_relation.json",
+    output:
+        metrics="results/factcheck/{model}/{lang}/metrics.json",
+        scores="results/factcheck/{model}/{lang}/scores.parquet",
+        calibration="results/factcheck/{model}/{lang}/calibration_scores.parquet",
+        curve="results/factcheck/{model}/{lang}/f1_curve.csv",
+        per_relation="results/factcheck/{model}/{lang}/per_relation.csv",
+    log:
+        "logs/factcheck/{model}/{lang}.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    params:
+        threshold=config["factcheck"]["threshold"],
+        version=VERSIONS["factcheck"],
+    script:
+        "../../scripts/fact_check.py"

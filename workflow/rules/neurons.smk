@@ -1,0 +1,52 @@
+# Stage 3: degenerate knowledge neurons per discovery query, then per relation.
+
+
+rule detect_dkn:
+    input:
+        attribution="results/attribution/{model}/{lang}/discovery/shard-{shard}.parquet",
+        facts="results/data/facts/{lang}/discovery.parquet",
+        model=model_input,
+    output:
+        "results/neurons/{model}/{lang}/dkn/shard-{shard}.parquet",
+    log:
+        "logs/neurons/{model}/{lang}/dkn/shard-{shard}.log",
+    benchmark:
+        "benchmarks/runs/neurons/{model}/{lang}/dkn/shard-{shard}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        model=model_params,
+        kn_threshold=config["neurons"]["kn_threshold"],
+        max_kn=config["neurons"]["max_kn"],
+        single_drop=config["neurons"]["dkn_single_drop"],
+        pair_drop=config["neurons"]["dkn_pair_drop"],
+        version=VERSIONS["dkn"],
+    script:
+        "../../scripts/detect_dkn.py"
+
+
+rule aggregate_dkn:
+    input:
+        lambda wildcards: expand(
+            "results/neurons/{{model}}/{{lang}}/dkn/shard-{shard}.parquet",
+            shard=SHARDS,
+        ),
+    output:
+        dkn="results/neurons/{model}/{lang}/dkn_by_relation.json",
+        stats="results/neurons/{model}/{lang}/neuron_stats.csv",
+        layers="results/neurons/{model}/{lang}/dkn_layers.csv",
+    log:
+        "logs/neurons/{model}/{lang}/aggregate_dkn.log",
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        relation_threshold=config["neurons"]["relation_threshold"],
+        version=VERSIONS["dkn"],
+    script:
+        "../../scripts/aggregate_dkn.py"
