@@ -80,3 +80,68 @@ def test_a_malformed_line_fails_with_its_place_and_leaves_no_output(tmp_path):
     assert not (tmp_path / "run" / "results" / "data" / "mlama" / "en.parquet").exists()
     leftovers = list((tmp_path / "run" / "results").rglob("*.tmp"))
     assert leftovers == []
+
+
+TINY_TOY = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "epochs": 8}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The whole default DAG on two relations with tiny models, once for the module."""
+    workdir = tmp_path_factory.mktemp("full")
+    config = tiny_config()
+    config["mlama"]["relations"] = ["P36", "P37"]
+    config["toy"] = dict(TINY_TOY)
+    config["attribution"].update(steps=3, shards=2)
+    run_workflow(workdir, config)
+    return workdir, config
+
+
+def test_the_whole_dag_produces_table_3(finished_run):
+    workdir, config = finished_run
+    reports = workdir / "results" / "reports"
+    table = pd.read_csv(reports / "fact_check.csv")
+    assert list(table.columns[:10]) == ["language", "model", "method", "precision", "recall",
+                                        "f1", "auroc", "n_true", "n_wrong", "threshold"]
+    assert len(table) == 2 * 2 * 2  # languages x models x methods
+    assert set(table["method"]) == {"wo_DKN", "with_DKN"}
+    assert (table["n_true"] == 20).all() and (table["n_wrong"] == 20).all()  # 2 relations x 10
+    assert "| Dataset | Model | Method |" in (reports / "fact_check.md").read_text()
+    for name in ("dkn_layers", "f1_vs_lambda", "roc", "per_relation_f1"):
+        assert (reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (reports / "figures" / f"{name}.svg").stat().st_size > 0
+    shard = workdir / "results" / "attribution" / "toy-bert" / "en" / "evaluation" / "shard-0.parquet"
+    records = pd.read_parquet(shard)
+    assert set(records["candidate"]) == {"true", "wrong"} and records["scores"].notna().all()
+    metrics = json.loads((workdir / "results" / "models" / "toy-gpt" / "train_metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"en", "zh"}
+    log = (workdir / "logs" / "attribution" / "toy-bert" / "en" / "evaluation" / "shard-0.log").read_text()
+    assert "attribution" in log  # the progress bar went to the rule's log
+    assert not list((workdir / "results").rglob("*.checkpoint"))
+
+
+def planned(workdir: Path, config: dict) -> dict[str, int]:
+    """{rule: jobs} that a dry run after ``config`` changes would run."""
+    from test_workflow_static import job_counts
+
+    result = run_workflow(workdir, config, "-n")
+    if "Nothing to be done" in result.stdout + result.stderr:
+        return {}
+    return job_counts(result.stdout)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda c: c, {}),
+    (lambda c: c["factcheck"].update(threshold=0.001), {"fact_check": 4, "report_fact_check": 1, "all": 1}),
+    (lambda c: c["neurons"].update(dkn_pair_drop=0.3),
+     {"detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
+    (lambda c: c["neurons"].update(relation_threshold=0.5),
+     {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
+])
+def test_config_changes_rerun_only_what_they_change(finished_run, change, expected):
+    workdir, config = finished_run
+    changed = json.loads(json.dumps(config))
+    change(changed)
+    counts = planned(workdir, changed)
+    assert counts == expected
+    run_workflow(workdir, config, "-n")  # leave the config as it was
