@@ -45,7 +45,6 @@ from .queries import EncodedQuery
 
 METHODS = ("ig", "amig")
 QUADRATURES = ("riemann", "gauss-legendre")
-ALGORITHM_VERSION = 1  # bump when scores change on purpose
 _GROUP = 16  # queries padded together in one capture forward
 
 
