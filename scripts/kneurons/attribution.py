@@ -41,7 +41,7 @@ import torch
 
 from .hooks import SITES, capture_block_inputs, capture_ffn, ffn_hooks, site_module
 from .models import LanguageModel
-from .queries import EncodedQuery
+from .queries import EncodedQuery, pad_queries
 
 METHODS = ("ig", "amig")
 QUADRATURES = ("riemann", "gauss-legendre")
@@ -98,26 +98,6 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _pad(queries: Sequence[EncodedQuery], pad_id: int, device: torch.device
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding: absolute positions of real tokens do not change."""
-    s = max(len(q.input_ids) for q in queries)
-    ids = torch.full((len(queries), s), pad_id, dtype=torch.long)  # [G, S]
-    mask = torch.zeros((len(queries), s), dtype=torch.long)  # [G, S]
-    for i, q in enumerate(queries):
-        ids[i, : len(q.input_ids)] = torch.as_tensor(q.input_ids)
-        mask[i, : len(q.input_ids)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(lm: LanguageModel) -> int:
-    tok = lm.tokenizer
-    for tid in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 def _index_batch(obj, rows: torch.Tensor, n_cap: int):
     """Select batch rows from captured block arguments: tensors with ndim >= 2 whose first
     dim is the capture batch size (masks [G,1,S,S], rotary cos/sin [G,S,d]) are indexed;
@@ -154,7 +134,7 @@ class _Group:
 
 def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int],
              layers: list[int], site: str) -> _Group:
-    ids, mask = _pad(queries, _pad_id(lm), lm.device)
+    ids, mask = pad_queries(lm, queries)
     unit_q, unit_pos, unit_tgt, unit_nt = [], [], [], []
     for g, q in enumerate(queries):
         for p, y in zip(q.target_positions, q.target_ids):

@@ -21,7 +21,10 @@ Conventions (both kinds):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from .models import LanguageModel
 
@@ -133,3 +136,19 @@ def encode_prompt(lm: LanguageModel, prompt: str, target: str,
     prefix, suffix = prompt.split(marker)
     core = prefix.rstrip()
     return _encode_split(lm, core, suffix, len(core) < len(prefix), target)
+
+
+def pad_queries(lm: LanguageModel, queries: Sequence[EncodedQuery]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask [n_queries, longest] on ``lm.device``, right-padded so
+    that the absolute positions of real tokens do not change."""
+    tok = lm.tokenizer
+    pad_id = next((int(t) for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id)
+                   if t is not None), 0)
+    width = max(len(q.input_ids) for q in queries)
+    ids = torch.full((len(queries), width), pad_id, dtype=torch.long)  # [G, S]
+    mask = torch.zeros((len(queries), width), dtype=torch.long)  # [G, S]
+    for i, q in enumerate(queries):
+        ids[i, : len(q.input_ids)] = torch.as_tensor(q.input_ids)
+        mask[i, : len(q.input_ids)] = 1
+    return ids.to(lm.device), mask.to(lm.device)

@@ -88,7 +88,7 @@ from transformers import (
 )
 
 from .models import wrap_model
-from .queries import encode_query
+from .queries import encode_query, pad_queries
 
 TOY_VERSION = 2
 """Algorithm version of the toy models: bump it when a change alters what is trained."""
@@ -728,16 +728,10 @@ def fact_correct(model, tokenizer, arch: Arch, facts: pd.DataFrame,
     lm = wrap_model(model, tokenizer, arch)          # eval mode, on the CPU
     queries = [encode_query(lm, row.template, row.sub_label, row.obj_label)
                for row in facts.itertuples(index=False)]
-    pad = tokenizer.pad_token_id
     out: list[bool] = []
     for i in range(0, len(queries), batch_size):
         chunk = queries[i:i + batch_size]
-        width = max(len(q.input_ids) for q in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)     # [B, T]
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)        # [B, T]
-        for b, q in enumerate(chunk):
-            ids[b, :len(q.input_ids)] = torch.tensor(q.input_ids)
-            attn[b, :len(q.input_ids)] = 1
+        ids, attn = pad_queries(lm, chunk)                               # [B, T] each
         pred = model(input_ids=ids, attention_mask=attn).logits.argmax(-1)  # [B, T]
         for b, q in enumerate(chunk):
             out.append(bool((pred[b, q.target_positions] == torch.tensor(q.target_ids)).all()))
