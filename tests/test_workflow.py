@@ -120,11 +120,11 @@ def test_the_whole_dag_produces_table_3(finished_run):
     assert not list((workdir / "results").rglob("*.checkpoint"))
 
 
-def planned(workdir: Path, config: dict) -> dict[str, int]:
+def planned(workdir: Path, config: dict, *args: str) -> dict[str, int]:
     """{rule: jobs} that a dry run after ``config`` changes would run."""
     from test_workflow_static import job_counts
 
-    result = run_workflow(workdir, config, "-n")
+    result = run_workflow(workdir, config, "-n", *args)
     if "Nothing to be done" in result.stdout + result.stderr:
         return {}
     return job_counts(result.stdout)
@@ -137,6 +137,15 @@ def planned(workdir: Path, config: dict) -> dict[str, int]:
      {"detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
     (lambda c: c["neurons"].update(relation_threshold=0.5),
      {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
+    (lambda c: c["split"].update(discovery_fraction=0.7),
+     {"split_facts": 1, "attribute_shard": 16, "detect_dkn": 8, "aggregate_dkn": 4,
+      "fact_check": 4, "report_fact_check": 1, "all": 1}),
+    (lambda c: c.update(seed=7),
+     {"corrupt_facts": 1, "split_facts": 1, "train_toy_model": 2, "attribute_shard": 16,
+      "detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
+    (lambda c: c["models"].update({"toy-gpt-en": {"toy": True, "arch": "causal", "languages": ["en"]}}),
+     {"train_toy_model": 1, "attribute_shard": 4, "detect_dkn": 2, "aggregate_dkn": 1,
+      "fact_check": 1, "report_fact_check": 1, "all": 1}),
 ])
 def test_config_changes_rerun_only_what_they_change(finished_run, change, expected):
     workdir, config = finished_run
@@ -145,3 +154,9 @@ def test_config_changes_rerun_only_what_they_change(finished_run, change, expect
     counts = planned(workdir, changed)
     assert counts == expected
     run_workflow(workdir, config, "-n")  # leave the config as it was
+
+
+def test_execution_knobs_rerun_nothing(finished_run):
+    workdir, config = finished_run
+    assert planned(workdir, config, "--set-resources", "attribute_shard:batch_queries=2",
+                   "--set-threads", "attribute_shard=2") == {}
