@@ -107,3 +107,64 @@ def test_amig_skips_causal_templates_without_query_tokens(tiny_gpt2, tmp_path):
                         steps=2, quadrature="riemann", keep_top=3,
                         output=tmp_path / "s.parquet")
     assert set(records["relation"]) == {"P1"}
+
+
+RUNNER = """
+import sys
+sys.path.insert(0, {scripts!r})
+import logging, pandas as pd, torch
+logging.basicConfig(level=logging.INFO)
+torch.set_num_threads(1)
+from kneurons.models import load_model
+from kneurons.shards import run_shard
+lm = load_model({model!r}, "masked")
+run_shard(lm, pd.read_parquet({facts!r}), part="evaluation", shard=0, n_shards=1, method="amig",
+          steps=8, quadrature="riemann", keep_top=4, output={out!r}, batch_queries=1)
+"""
+
+
+@pytest.mark.slow
+def test_a_sigkilled_shard_job_resumes_to_the_same_output(tiny_bert, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    model_dir = tmp_path / "model"
+    tiny_bert.model.save_pretrained(model_dir)
+    tiny_bert.tokenizer.save_pretrained(model_dir)
+    facts = pd.concat([facts_table(8)] * 4, ignore_index=True)
+    facts["uuid"] = [f"u{i}" for i in range(len(facts))]
+    facts["lineid"] = range(len(facts))
+    facts.to_parquet(tmp_path / "facts.parquet")
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+
+    def start(out):
+        code = RUNNER.format(scripts=scripts, model=str(model_dir),
+                             facts=str(tmp_path / "facts.parquet"), out=str(out))
+        return subprocess.Popen([sys.executable, "-c", code], env={**os.environ},
+                                stderr=subprocess.PIPE, text=True)
+
+    killed_out = tmp_path / "killed.parquet"
+    checkpoint = Path(str(killed_out) + ".checkpoint")
+    job = start(killed_out)
+    deadline = time.monotonic() + 120
+    while len(list(checkpoint.glob("chunk-*.parquet"))) < 3 and time.monotonic() < deadline:
+        assert job.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not killed_out.exists()
+    done = len(list(checkpoint.glob("chunk-*.parquet")))
+    assert 3 <= done < 64  # killed mid-way
+    rerun = start(killed_out)
+    _, log = rerun.communicate()
+    assert rerun.returncode == 0, log
+    assert f"resuming after {done} of 64 records" in log
+    assert not checkpoint.exists()
+    whole_out = tmp_path / "whole.parquet"
+    whole = start(whole_out)
+    assert whole.communicate()[1] is not None and whole.returncode == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(killed_out), pd.read_parquet(whole_out))
