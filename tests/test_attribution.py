@@ -150,7 +150,7 @@ def without_head(lm):
 
 
 # ----------------------------------------------------------------------------- captum
-@pytest.mark.parametrize("quad", QUADRATURES)
+@pytest.mark.parametrize("quad", sorted(CAPTUM_METHOD))
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2"])
 def test_ig_matches_captum(name, quad, request):
     lm = request.getfixturevalue(name)
@@ -164,6 +164,25 @@ def test_ig_matches_captum(name, quad, request):
                            method=CAPTUM_METHOD[quad])[0].detach().numpy()
         assert pearson(res.scores[layer], ref) >= 0.9999
         assert np.abs(res.scores[layer] - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name,site", [("tiny_bert", "post"), ("tiny_gpt2", "pre"),
+                                       ("tiny_llama", "post")])
+def test_linspace_rule_matches_the_knowledge_neurons_library_formula(name, site, request):
+    # the knowledge-neurons library (and Dai et al.'s code): alphas = linspace(0, 1, m),
+    # score = a * sum_k dP/da(alpha_k a) / m, written out here with plain autograd
+    lm = request.getfixturevalue(name)
+    q = argmax_query(lm, EN, "Tanzania", "Dodoma")
+    steps = 7
+    (res,) = attribute(lm, [q], method="ig", steps=steps, quadrature="linspace", site=site)
+    for layer in range(lm.n_layers):
+        a = activation(lm, q.input_ids, layer, q.target_positions[0], site=site)
+        x = (torch.linspace(0, 1, steps)[:, None] * a[None]).requires_grad_(True)
+        (grad,) = torch.autograd.grad(prob_fn(lm, q, layer, 0, site=site)(x).sum(), x)
+        ref = (a * grad.sum(0) / steps).numpy()
+        assert pearson(res.scores[layer], ref) >= 0.99999
+        assert np.abs(res.scores[layer] - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert quadrature_rule(5, "linspace")[0].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def test_pre_activation_site_matches_captum(tiny_gpt2):
@@ -379,3 +398,18 @@ def test_knowledge_neurons_threshold_and_cap():
     assert knowledge_neurons(-np.abs(s), 0.2, None) == []  # no positive score
     with pytest.raises(ValueError):
         knowledge_neurons(s[0], 0.2, None)
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_neox"])
+def test_causal_models_take_the_one_position_path(name, request, monkeypatch):
+    # the causal fast path runs each row on its own position against cached keys/values;
+    # test_fallback_path_equals_fast_path proves its numbers, this that it is the one used
+    import kneurons.attribution as attribution
+
+    lm = request.getfixturevalue(name)
+    calls = []
+    real = attribution._run_causal
+    monkeypatch.setattr(attribution, "_run_causal",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    attribute(lm, [encode_query(lm, EN, "Tanzania", "Dodoma")], method="ig", steps=2)
+    assert calls

@@ -33,6 +33,7 @@ averages), and decodes multi-token objects greedily instead of teacher forcing.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -44,7 +45,7 @@ from .models import LanguageModel
 from .queries import EncodedQuery, pad_queries
 
 METHODS = ("ig", "amig")
-QUADRATURES = ("riemann", "gauss-legendre")
+QUADRATURES = ("riemann", "gauss-legendre", "linspace")
 _GROUP = 16  # queries padded together in one capture forward
 
 
@@ -74,6 +75,9 @@ def quadrature_rule(steps: int, kind: str = "riemann") -> tuple[np.ndarray, np.n
     ``riemann``: midpoint rule, ``alpha_k = (k - 1/2)/m``, ``w_k = 1/m`` (captum's
     ``riemann_middle``; error O(1/m^2) instead of O(1/m) for left/right points).
     ``gauss-legendre``: Gauss-Legendre nodes/weights mapped from [-1, 1] to [0, 1].
+    ``linspace``: ``alpha_k = k/(m - 1)`` for k = 0..m-1 (both end points), ``w_k = 1/m``: the
+    rule of Dai et al.'s code and of the ``knowledge-neurons`` library, offered so that scores
+    can be compared with theirs number for number (its error is O(1/m)).
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -82,6 +86,8 @@ def quadrature_rule(steps: int, kind: str = "riemann") -> tuple[np.ndarray, np.n
     if kind == "gauss-legendre":
         x, w = np.polynomial.legendre.leggauss(steps)
         return 0.5 * (x + 1.0), 0.5 * w
+    if kind == "linspace":
+        return np.linspace(0.0, 1.0, steps), np.full(steps, 1.0 / steps)
     raise ValueError(f"quadrature must be one of {QUADRATURES}, got {kind!r}")
 
 
@@ -130,6 +136,8 @@ class _Group:
     acts: torch.Tensor            # [U, nL, d_ff] activation a at the unit position
     blocks: dict                  # layer -> (args, kwargs) of the block call, batch G
     logits: torch.Tensor          # [U, V] unpatched logits at the unit positions
+    kv: dict | None = None        # causal fast path: layer -> (keys, values) [G, H, S, d]
+    cache_arg: str | None = None  # name of the block's cache argument
 
 
 def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int],
@@ -145,15 +153,25 @@ def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int]
     uq = torch.as_tensor(unit_q, device=lm.device)
     up = torch.as_tensor(unit_pos, device=lm.device)
     fast = lm.spec.head is not None
+    causal = fast and lm.arch == "causal"
     block_layers = range(min(layers), lm.n_layers) if fast else []
     # no_grad, not inference_mode: the cached block inputs feed the gradient passes
     with torch.no_grad(), capture_block_inputs(lm, block_layers) as calls, \
             capture_ffn(lm, layers, site) as acts:
-        out = lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        out = lm.model(input_ids=ids, attention_mask=mask, use_cache=causal)
     a = torch.stack([acts[layer][uq, up].float() for layer in layers], dim=1)  # [U, nL, d_ff]
     logits = out.logits[uq, up].float()  # [U, V]
-    return _Group(qids, ids, mask, np.array(unit_q), np.array(unit_pos), np.array(unit_tgt),
-                  np.array(unit_nt), a, dict(calls), logits)
+    grp = _Group(qids, ids, mask, np.array(unit_q), np.array(unit_pos), np.array(unit_tgt),
+                 np.array(unit_nt), a, dict(calls), logits)
+    if causal:
+        args, kwargs = grp.blocks[block_layers[0]]
+        call = _as_kwargs(lm.blocks()[block_layers[0]], args, kwargs)
+        grp.cache_arg = next((k for k, v in call.items()
+                              if type(v).__name__.endswith("Cache")), None)
+        cache = out.past_key_values
+        if grp.cache_arg is not None and hasattr(cache, "layers"):
+            grp.kv = {j: (cache.layers[j].keys, cache.layers[j].values) for j in block_layers}
+    return grp
 
 
 def _amig_baselines(lm: LanguageModel, queries: Sequence[EncodedQuery], grp: _Group,
@@ -239,6 +257,92 @@ def _run_fast(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Te
     return h[torch.arange(h.shape[0], device=h.device), r_pos]  # [R, hidden]
 
 
+class _PrefixCache:
+    """Stands in for a model's KV cache in one block call of the causal fast path: the block
+    appends the key/value of the single new position to the cached keys/values of the whole
+    unpatched input (positions other than those before the row's own are masked out)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values  # [R, H, S, d]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        # key/value_states: [R, H, 1, d] -> [R, H, S + 1, d]
+        return (torch.cat([self.keys.to(key_states.dtype), key_states], dim=2),
+                torch.cat([self.values.to(value_states.dtype), value_states], dim=2))
+
+
+def _at_positions(obj, rows: torch.Tensor, pos: torch.Tensor, n_cap: int):
+    """Rotary cos/sin [G or 1, S, d] and position ids [G or 1, S] of the capture, taken at
+    each row's own position: [R, 1, d] / [R, 1]."""
+    if isinstance(obj, tuple):
+        return tuple(_at_positions(o, rows, pos, n_cap) for o in obj)
+    if isinstance(obj, torch.Tensor) and obj.ndim >= 2:
+        src = rows if obj.shape[0] == n_cap else torch.zeros_like(rows)
+        return obj[src, pos].unsqueeze(1)
+    return obj
+
+
+def _as_kwargs(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A captured block call as keyword arguments, without the hidden states (the first)."""
+    sig = inspect.signature(block.forward)
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    out: dict = {}
+    for i, (name, value) in enumerate(bound.items()):
+        if i == 0:
+            continue
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _run_causal(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Tensor,
+                r_layer: np.ndarray, x: torch.Tensor, site: str) -> torch.Tensor:
+    """Like :func:`_run_fast`, for causal LMs, one position per row: a patch at position p
+    changes no earlier position, so every block runs on position p alone and attends to the
+    cached (unpatched) keys/values of positions < p. Hidden states [R, hidden]."""
+    blocks = lm.blocks()
+    n_cap, width = grp.ids.shape
+    h = None  # [active rows, 1, hidden]
+    for j in range(int(r_layer[0]), lm.n_layers):
+        start, stop = np.searchsorted(r_layer, [j, j + 1])
+        args, kwargs = grp.blocks[j]
+        if stop > start:
+            new = args[0][r_q[start:stop], r_pos[start:stop]].unsqueeze(1)  # [n_new, 1, hidden]
+            h = new if h is None else torch.cat([h, new], dim=0)
+        n = h.shape[0]
+        rows, pos = r_q[:n], r_pos[:n]
+        keys, values = grp.kv[j]
+        # attend to positions < p of the cache and to the new position (the last key)
+        allowed = torch.cat([torch.arange(width, device=h.device)[None, :] < pos[:, None],
+                             torch.ones((n, 1), dtype=torch.bool, device=h.device)], dim=1)
+        neg = torch.finfo(h.dtype).min
+        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
+            ~allowed, neg)[:, None, None, :]  # [n, 1, 1, S + 1] additive
+        call_kwargs = {k: _at_positions(v, rows, pos, n_cap) if k in (
+            "position_embeddings", "position_ids") else v
+            for k, v in _as_kwargs(blocks[j], args, kwargs).items()}
+        call_kwargs.update({grp.cache_arg: _PrefixCache(keys.index_select(0, rows),
+                                                        values.index_select(0, rows)),
+                            "attention_mask": mask})
+        call_kwargs.pop("cache_position", None)
+        for k in ("use_cache", "output_attentions"):
+            if k in call_kwargs:
+                call_kwargs[k] = False
+        if stop > start:
+            idx = torch.arange(start, stop, device=lm.device)
+            ctx = ffn_hooks(lm, {j: _patcher(idx, torch.zeros_like(idx), x[start:stop])}, site)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            h = blocks[j](h, **call_kwargs)
+        if isinstance(h, tuple):
+            h = h[0]
+    return h[:, 0]  # [R, hidden]
+
+
 def _run_fallback(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Tensor,
                   r_layer: np.ndarray, x: torch.Tensor, site: str) -> torch.Tensor:
     """Logits [R, V] at each row's position from the full model with per-layer hooks."""
@@ -303,6 +407,7 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
             qids = order[g0:g0 + _GROUP]
             qs = [queries[i] for i in qids]
             grp = _capture(lm, qs, qids, layers, site)
+            run_grp = _run_causal if grp.kv is not None else run
             n_u = len(grp.unit_q)
             if method == "ig":
                 bases = torch.zeros((n_u, n_l, lm.d_ff), device=dev)  # [U, nL, d_ff]
@@ -330,7 +435,7 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
                 r_pos = torch.as_tensor(grp.unit_pos[r_u[sl]], device=dev)
                 tgt = torch.as_tensor(grp.unit_tgt[r_u[sl]], device=dev)
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-                    out = run(lm, grp, r_q, r_pos, layer_arr[r_li[sl]], x, site)
+                    out = run_grp(lm, grp, r_q, r_pos, layer_arr[r_li[sl]], x, site)
                     logits = lm.spec.head(lm.model, out) if run is _run_fast else out  # [R, V]
                 p = torch.softmax(logits.float(), dim=-1).gather(1, tgt[:, None]).sum()
                 (grad,) = torch.autograd.grad(p, x)  # [R, d_ff]
