@@ -14,7 +14,7 @@ import torch
 from captum.attr import IntegratedGradients
 
 from kneurons.attribution import (METHODS, QUADRATURES, Attribution, attribute,
-                                  knowledge_neurons, quadrature_rule)
+                                  knowledge_neurons, probability_gap, quadrature_rule)
 from kneurons.queries import EncodedQuery, encode_query
 
 EN = "The capital of [X] is [Y] ."
@@ -240,6 +240,9 @@ def test_completeness(name, template, subject, target, method, request):
     assert close(r200), (r200.scores.sum(axis=1), exp)
     (gl,) = attribute(lm, [q], method=method, steps=12, quadrature="gauss-legendre")
     assert close(gl), (gl.scores.sum(axis=1), exp)
+    # the library's own convergence check computes the same targets
+    np.testing.assert_allclose(probability_gap(lm, q, method=method), exp, rtol=1e-4,
+                               atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- engine

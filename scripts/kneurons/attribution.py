@@ -474,3 +474,60 @@ def knowledge_neurons(scores: np.ndarray, threshold: float, max_kn: int | None
     if max_kn is not None:
         order = order[: max(0, int(max_kn))]
     return [(int(layer[i]), int(neuron[i]), float(vals[i])) for i in order]
+
+
+def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "amig",
+                    layers: Sequence[int] | None = None, site: str = "post") -> np.ndarray:
+    """What the scores of each layer must add up to (the completeness property, the
+    attribution's convergence check): per layer l, the mean over the object's tokens t of
+
+        P_t(a) - mean over baselines a' of P_t(a'),
+
+    P_t(x) = P(object token t) with layer l's activation at t's position set to x (``ig``:
+    the single baseline 0; ``amig``: the query-token baselines). Computed with direct forward
+    passes, independently of :func:`attribute`; ``scores[l].sum() - gap[l]`` is the
+    integration error, which falls with ``steps`` (see ``benchmarks/attribution.py``).
+
+    Returns [n_layers] float64 (0 where a layer is not in ``layers``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    layers = list(range(lm.n_layers)) if layers is None else sorted(set(layers))
+    dev = lm.device
+    ids = torch.as_tensor([query.input_ids], device=dev)  # [1, S]
+    pos = torch.as_tensor(query.target_positions, device=dev)  # [T]
+    tgt = torch.as_tensor(query.target_ids, device=dev)  # [T]
+
+    def probs(logits: torch.Tensor) -> torch.Tensor:  # [N, S, V] -> [N, T]
+        p = torch.softmax(logits[:, pos].float(), dim=-1)  # [N, T, V]
+        return p[:, torch.arange(len(pos), device=dev), tgt]
+
+    with torch.inference_mode():
+        with capture_ffn(lm, layers, site) as acts:
+            p_a = probs(lm.model(input_ids=ids).logits)[0]  # [T]
+        if method == "ig":
+            base = {layer: torch.zeros((1, len(pos), lm.d_ff), device=dev) for layer in layers}
+        else:
+            if not query.query_positions:
+                raise ValueError("AMIG needs at least one query token to replace")
+            variants = ids.repeat(len(query.query_positions), 1)  # [B, S]
+            variants[torch.arange(len(query.query_positions)),
+                     torch.as_tensor(query.query_positions, device=dev)] = lm.replacement_id
+            with capture_ffn(lm, layers, site) as acts:
+                lm.model(input_ids=variants)
+            base = {layer: acts[layer][:, pos].float() for layer in layers}  # [B, T, d_ff]
+        gap = np.zeros(lm.n_layers)
+        for layer in layers:
+            b = base[layer]
+            n_b = b.shape[0]
+            total = 0.0
+            for t in range(len(pos)):
+                def put(act: torch.Tensor, t=t, b=b) -> torch.Tensor:  # act: [B, S, d_ff]
+                    act = act.clone()
+                    act[:, pos[t]] = b[:, t].to(act.dtype)
+                    return act
+                with ffn_hooks(lm, {layer: put}, site):
+                    p_b = probs(lm.model(input_ids=ids.expand(n_b, -1)).logits)[:, t]  # [B]
+                total += float(p_a[t]) - float(p_b.double().mean())
+            gap[layer] = total / len(pos)
+    return gap
