@@ -403,16 +403,35 @@ def test_knowledge_neurons_threshold_and_cap():
         knowledge_neurons(s[0], 0.2, None)
 
 
-@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_neox"])
-def test_causal_models_take_the_one_position_path(name, request, monkeypatch):
-    # the causal fast path runs each row on its own position against cached keys/values;
-    # test_fallback_path_equals_fast_path proves its numbers, this that it is the one used
+@pytest.mark.parametrize("name,path", [("tiny_gpt2", "_run_causal"), ("tiny_llama", "_run_causal"),
+                                       ("tiny_neox", "_run_causal"), ("tiny_bert", "_run_masked"),
+                                       ("tiny_roberta", "_run_masked")])
+def test_fast_models_take_the_one_position_paths(name, path, request, monkeypatch):
+    # causal LMs run each row on its own position against cached keys/values, masked LMs the
+    # patched and the last block; test_fallback_path_equals_fast_path proves their numbers,
+    # this that they are the ones used
     import kneurons.attribution as attribution
 
     lm = request.getfixturevalue(name)
     calls = []
-    real = attribution._run_causal
-    monkeypatch.setattr(attribution, "_run_causal",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(attribution, path)
+    monkeypatch.setattr(attribution, path, lambda *a, **k: calls.append(1) or real(*a, **k))
     attribute(lm, [encode_query(lm, EN, "Tanzania", "Dodoma")], method="ig", steps=2)
     assert calls
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_one_position_paths_with_eager_attention(kind):
+    # the one-position paths pass their own attention masks: boolean for sdpa (the default,
+    # tested above), additive for eager attention
+    from conftest import build
+
+    lm = build(kind)
+    lm.model.set_attn_implementation("eager")
+    assert lm.model.config._attn_implementation == "eager"
+    qs = [encode_query(lm, EN, "Tanzania", "Dodoma"),
+          encode_query(lm, "[X] is located in [Y] .", "Kilimanjaro", "Tanzania")]
+    fast = attribute(lm, qs, method="amig", steps=3)
+    slow = attribute(without_head(lm), qs, method="amig", steps=3)
+    for f, s in zip(fast, slow):
+        np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())

@@ -136,8 +136,10 @@ class _Group:
     acts: torch.Tensor            # [U, nL, d_ff] activation a at the unit position
     blocks: dict                  # layer -> (args, kwargs) of the block call, batch G
     logits: torch.Tensor          # [U, V] unpatched logits at the unit positions
-    kv: dict | None = None        # causal fast path: layer -> (keys, values) [G, H, S, d]
+    kv: dict | None = None        # one-position paths: layer -> unpatched (keys, values)
+                                  # [G, H, S, d] of the block's attention
     cache_arg: str | None = None  # name of the block's cache argument
+    attn_impl: str = "eager"      # the model's attention implementation
 
 
 def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int],
@@ -163,6 +165,9 @@ def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int]
     logits = out.logits[uq, up].float()  # [U, V]
     grp = _Group(qids, ids, mask, np.array(unit_q), np.array(unit_pos), np.array(unit_tgt),
                  np.array(unit_nt), a, dict(calls), logits)
+    grp.attn_impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
+    if grp.attn_impl not in ("sdpa", "eager"):
+        return grp  # masks of other kernels (flash attention...) cannot be passed in
     if causal:
         args, kwargs = grp.blocks[block_layers[0]]
         call = _as_kwargs(lm.blocks()[block_layers[0]], args, kwargs)
@@ -171,6 +176,10 @@ def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int]
         cache = out.past_key_values
         if grp.cache_arg is not None and hasattr(cache, "layers"):
             grp.kv = {j: (cache.layers[j].keys, cache.layers[j].values) for j in block_layers}
+    elif fast and lm.spec.kv is not None:
+        grp.cache_arg = lm.spec.cache_arg
+        with torch.no_grad():
+            grp.kv = {j: lm.spec.kv(lm.blocks()[j], grp.blocks[j][0][0]) for j in layers}
     return grp
 
 
@@ -258,9 +267,9 @@ def _run_fast(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Te
 
 
 class _PrefixCache:
-    """Stands in for a model's KV cache in one block call of the causal fast path: the block
-    appends the key/value of the single new position to the cached keys/values of the whole
-    unpatched input (positions other than those before the row's own are masked out)."""
+    """Stands in for a model's KV cache in a one-position block call: the block appends the
+    key/value of its single new position to given keys/values of the whole input; the
+    attention mask says which of them the position sees."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys, self.values = keys, values  # [R, H, S, d]
@@ -298,49 +307,117 @@ def _as_kwargs(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     return out
 
 
+def _one_position(lm: LanguageModel, grp: _Group, j: int, h1: torch.Tensor,
+                  rows: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+                  values: torch.Tensor, allowed: torch.Tensor, patch_rows: torch.Tensor | None,
+                  x: torch.Tensor | None, site: str) -> torch.Tensor:
+    """Block ``j`` run on one position per row, ``h1`` [n, 1, hidden], attending to ``keys``/
+    ``values`` [n, H, S, d] where ``allowed`` [n, S + 1] is true (its last column: the
+    position's own new key); the FFN activation of ``patch_rows`` replaced by ``x``
+    [len(patch_rows), d_ff]. Returns the block output [n, 1, hidden]."""
+    block = lm.blocks()[j]
+    args, kwargs = grp.blocks[j]
+    n_cap = grp.ids.shape[0]
+    if grp.attn_impl == "sdpa":
+        mask = allowed[:, None, None, :]  # [n, 1, 1, S + 1] bool, True = attend
+    else:
+        neg = torch.finfo(h1.dtype).min
+        mask = torch.zeros(allowed.shape, dtype=h1.dtype, device=h1.device).masked_fill(
+            ~allowed, neg)[:, None, None, :]  # additive
+    call = {k: _at_positions(v, rows, pos, n_cap) if k in ("position_embeddings",
+                                                           "position_ids") else v
+            for k, v in _as_kwargs(block, args, kwargs).items()}
+    call.update({grp.cache_arg: _PrefixCache(keys, values), "attention_mask": mask})
+    call.pop("cache_position", None)
+    for k in ("use_cache", "output_attentions"):
+        if k in call:
+            call[k] = False
+    ctx = contextlib.nullcontext() if patch_rows is None else ffn_hooks(
+        lm, {j: _patcher(patch_rows, torch.zeros_like(patch_rows), x)}, site)
+    with ctx:
+        out = block(h1, **call)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _run_causal(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Tensor,
                 r_layer: np.ndarray, x: torch.Tensor, site: str) -> torch.Tensor:
     """Like :func:`_run_fast`, for causal LMs, one position per row: a patch at position p
     changes no earlier position, so every block runs on position p alone and attends to the
     cached (unpatched) keys/values of positions < p. Hidden states [R, hidden]."""
-    blocks = lm.blocks()
-    n_cap, width = grp.ids.shape
+    width = grp.ids.shape[1]
     h = None  # [active rows, 1, hidden]
     for j in range(int(r_layer[0]), lm.n_layers):
         start, stop = np.searchsorted(r_layer, [j, j + 1])
-        args, kwargs = grp.blocks[j]
         if stop > start:
-            new = args[0][r_q[start:stop], r_pos[start:stop]].unsqueeze(1)  # [n_new, 1, hidden]
-            h = new if h is None else torch.cat([h, new], dim=0)
+            new = grp.blocks[j][0][0][r_q[start:stop], r_pos[start:stop]].unsqueeze(1)
+            h = new if h is None else torch.cat([h, new], dim=0)  # [n, 1, hidden]
         n = h.shape[0]
         rows, pos = r_q[:n], r_pos[:n]
         keys, values = grp.kv[j]
-        # attend to positions < p of the cache and to the new position (the last key)
         allowed = torch.cat([torch.arange(width, device=h.device)[None, :] < pos[:, None],
                              torch.ones((n, 1), dtype=torch.bool, device=h.device)], dim=1)
-        neg = torch.finfo(h.dtype).min
-        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
-            ~allowed, neg)[:, None, None, :]  # [n, 1, 1, S + 1] additive
-        call_kwargs = {k: _at_positions(v, rows, pos, n_cap) if k in (
-            "position_embeddings", "position_ids") else v
-            for k, v in _as_kwargs(blocks[j], args, kwargs).items()}
-        call_kwargs.update({grp.cache_arg: _PrefixCache(keys.index_select(0, rows),
-                                                        values.index_select(0, rows)),
-                            "attention_mask": mask})
-        call_kwargs.pop("cache_position", None)
-        for k in ("use_cache", "output_attentions"):
-            if k in call_kwargs:
-                call_kwargs[k] = False
-        if stop > start:
-            idx = torch.arange(start, stop, device=lm.device)
-            ctx = ffn_hooks(lm, {j: _patcher(idx, torch.zeros_like(idx), x[start:stop])}, site)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx:
-            h = blocks[j](h, **call_kwargs)
-        if isinstance(h, tuple):
-            h = h[0]
+        joined = torch.arange(start, stop, device=h.device) if stop > start else None
+        h = _one_position(lm, grp, j, h, rows, pos, keys.index_select(0, rows),
+                          values.index_select(0, rows), allowed, joined,
+                          x[start:stop] if joined is not None else None, site)
     return h[:, 0]  # [R, hidden]
+
+
+def _run_masked(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Tensor,
+                r_layer: np.ndarray, x: torch.Tensor, site: str) -> torch.Tensor:
+    """Like :func:`_run_fast`, for masked LMs, with two blocks run on one position per row:
+
+    * the patched block l: only position p's activation changes, and what follows the FFN
+      activation in a block is position-wise, so its other positions' outputs are the
+      unpatched ones (the captured input of block l + 1); position p attends to the
+      unpatched keys/values of block l;
+    * the last block: only position p's output is read, so it runs on position p, attending
+      to keys/values computed from the (patched) input of all positions.
+
+    Hidden states [R, hidden] after the last block at each row's position."""
+    last = lm.n_layers - 1
+    real = grp.mask.bool()  # [G, S]
+    no_self = torch.zeros((len(r_q), 1), dtype=torch.bool, device=real.device)
+    h = None  # [active rows, S, hidden]: rows that passed their patched block
+    for j in range(int(r_layer[0]), lm.n_layers):
+        start, stop = np.searchsorted(r_layer, [j, j + 1])
+        args, kwargs = grp.blocks[j]
+        outs = []
+        if h is not None:
+            n = h.shape[0]
+            rows = r_q[:n]
+            if j < last:
+                call = {k: _index_batch(v, rows, grp.ids.shape[0])
+                        for k, v in _as_kwargs(lm.blocks()[j], args, kwargs).items()}
+                for k in ("use_cache", "output_attentions"):
+                    if k in call:
+                        call[k] = False
+                h = lm.blocks()[j](h, **call)
+                h = h[0] if isinstance(h, tuple) else h
+            else:
+                keys, values = lm.spec.kv(lm.blocks()[j], h)  # [n, H, S, d]
+                pos = r_pos[:n]
+                h1 = h[torch.arange(n, device=h.device), pos].unsqueeze(1)
+                outs.append(_one_position(lm, grp, j, h1, rows, pos, keys, values,
+                                          torch.cat([real[rows], no_self[:n]], dim=1),
+                                          None, None, site)[:, 0])
+        if stop > start:
+            rows, pos = r_q[start:stop], r_pos[start:stop]
+            keys, values = grp.kv[j]
+            h1 = args[0][rows, pos].unsqueeze(1)  # [m, 1, hidden]
+            o = _one_position(lm, grp, j, h1, rows, pos, keys.index_select(0, rows),
+                              values.index_select(0, rows),
+                              torch.cat([real[rows], no_self[: stop - start]], dim=1),
+                              torch.arange(stop - start, device=h1.device), x[start:stop],
+                              site)  # [m, 1, hidden]
+            if j < last:
+                full = grp.blocks[j + 1][0][0].index_select(0, rows)  # [m, S, hidden]
+                full = full.index_put((torch.arange(stop - start, device=full.device), pos),
+                                      o[:, 0].to(full.dtype))
+                h = full if h is None else torch.cat([h, full], dim=0)
+            else:
+                outs.append(o[:, 0])
+    return torch.cat(outs, dim=0)  # [R, hidden]
 
 
 def _run_fallback(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Tensor,
@@ -407,7 +484,8 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
             qids = order[g0:g0 + _GROUP]
             qs = [queries[i] for i in qids]
             grp = _capture(lm, qs, qids, layers, site)
-            run_grp = _run_causal if grp.kv is not None else run
+            run_grp = run if grp.kv is None else \
+                _run_causal if lm.arch == "causal" else _run_masked
             n_u = len(grp.unit_q)
             if method == "ig":
                 bases = torch.zeros((n_u, n_l, lm.d_ff), device=dev)  # [U, nL, d_ff]

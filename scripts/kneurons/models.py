@@ -40,6 +40,11 @@ class ArchSpec:
     (final norm + LM head). It enables the fast path (run blocks l..L-1 from cached inputs,
     logits only at the target positions); ``None`` means the generic fallback (full model with
     a hook) is used.
+
+    ``kv(block, hidden)`` (masked LMs) maps a block's input [n, S, hidden] to its attention's
+    keys and values [n, heads, S, head_dim], and ``cache_arg`` names the block argument that
+    takes a KV cache: with both, the attribution runs the patched and the last block on the
+    object position alone (causal LMs get their keys/values from the model's own cache).
     """
 
     model_type: str
@@ -48,6 +53,15 @@ class ArchSpec:
     kinds: frozenset[str]
     ffn_in: Callable[[nn.Module], nn.Module] | None = None
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    kv: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    cache_arg: str | None = None
+
+
+def _bert_kv(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    att = block.attention.self  # BertSelfAttention (also RoBERTa, XLM-R)
+    shape = (*h.shape[:-1], -1, att.attention_head_size)
+    return (att.key(h).view(shape).transpose(1, 2),
+            att.value(h).view(shape).transpose(1, 2))  # [n, heads, S, head_dim]
 
 
 def _bert_like(model_type: str, base: str, head_attr: str) -> ArchSpec:
@@ -57,6 +71,8 @@ def _bert_like(model_type: str, base: str, head_attr: str) -> ArchSpec:
         ffn_site=lambda b: b.output.dense,
         ffn_in=lambda b: b.intermediate.dense,
         head=lambda m, h: getattr(m, head_attr)(h),
+        kv=_bert_kv,
+        cache_arg="past_key_values",
         kinds=frozenset({"masked"}),
     )
 
