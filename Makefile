@@ -4,15 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the benchmark's reference implementation, outside the project's environment
+BENCH_DEPS := benchmarks/.deps/.installed
 CORES ?= all
 PYTEST_ARGS ?=
 
-.PHONY: run test setup dry-run lint report clean
+.PHONY: run test setup dry-run lint report clean bench bench-deps
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(BENCH_DEPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)
@@ -36,6 +38,19 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# CPU attribution benchmarks (about 15 min on 2 cores); results in benchmarks/results/
+bench: $(STAMP) $(BENCH_DEPS)
+	$(BIN)/python benchmarks/attribution.py reference
+	$(BIN)/python benchmarks/attribution.py amig --gl-steps 5
+	$(BIN)/python benchmarks/attribution.py quadrature
+
+bench-deps: $(BENCH_DEPS)
+
+$(BENCH_DEPS): benchmarks/requirements.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target benchmarks/.deps \
+		-r benchmarks/requirements.txt
+	touch $(BENCH_DEPS)
 
 clean:
 	rm -rf results logs .snakemake report.zip

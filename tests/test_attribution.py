@@ -361,10 +361,12 @@ def test_layer_subset(tiny_bert):
                                atol=1e-6 * np.abs(full.scores[1]).max())
 
 
-def test_autocast_runs_close_to_float32(tiny_bert):
-    q = encode_query(tiny_bert, EN, "Tanzania", "Dodoma")
-    (ref,) = attribute(tiny_bert, [q], method="ig", steps=4)
-    (bf,) = attribute(tiny_bert, [q], method="ig", steps=4, autocast=True)
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama"])
+def test_autocast_runs_close_to_float32(name, request):
+    lm = request.getfixturevalue(name)
+    q = encode_query(lm, EN, "Tanzania", "Dodoma")
+    (ref,) = attribute(lm, [q], method="amig", steps=4)
+    (bf,) = attribute(lm, [q], method="amig", steps=4, autocast=True)
     assert bf.scores.dtype == np.float32
     assert pearson(bf.scores, ref.scores) > 0.9
 

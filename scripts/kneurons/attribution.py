@@ -454,8 +454,9 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
     Raises ``ValueError`` for ``amig`` on a query without query tokens (a causal template
     with ``[Y]`` first has only its start token).
 
-    ``batch_size``: rows (interpolation points) per forward/backward (default 128; on a GPU
-    512-2048 is faster while memory allows).
+    ``batch_size``: rows (interpolation points) per forward/backward (default: 64 on the
+    CPU, where larger batches fall out of cache; 1024 on a GPU; see the README's
+    Performance section).
     ``layers``: attributed layers (default all; others score 0). ``site="pre"``: attribute
     w.r.t. the FFN pre-activation instead of the post-nonlinearity activation. ``autocast``:
     bf16 autocast for the gradient passes (GPU option).
@@ -470,7 +471,9 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
         raise ValueError(f"layers must be within 0..{lm.n_layers - 1}")
     for layer in layers:
         site_module(lm, layer, site)  # validates site for this architecture
-    batch_size = 128 if batch_size is None else max(1, int(batch_size))
+    if batch_size is None:
+        batch_size = 64 if lm.device.type == "cpu" else 1024
+    batch_size = max(1, int(batch_size))
     n_l, dev = len(layers), lm.device
     layer_arr = np.asarray(layers)
     alphas_t = torch.as_tensor(alphas, dtype=torch.float32, device=dev)

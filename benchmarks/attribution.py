@@ -1,0 +1,438 @@
+"""Attribution speed benchmarks (a script, not a test; see the README's Performance section).
+
+Modes (each writes one JSON file to ``benchmarks/results/`` and prints a table):
+
+``reference``  our ``ig`` against the PyPI ``knowledge-neurons`` 0.0.2 library (the code most
+               projects vendor) on the same model, queries and steps, with the library's own
+               neuron site (BERT: the FFN activation; GPT-2: ``mlp.c_fc``, the pre-activation,
+               our ``site="pre"``), zero baseline and interpolation rule (``linspace``). Both
+               are timed per query, alternating, so machine load hits both alike. Reports
+               median s/query, their ratio and the agreement of the score matrices.
+``amig``       our ``amig`` against our ``ig`` (and ``amig`` with Gauss-Legendre nodes).
+``quadrature`` the completeness error of Riemann (midpoint) and Gauss-Legendre rules against
+               the number of steps, on the bundled toy models trained from the bundled data
+               (the models of the default run; random-weight models have near-uniform outputs
+               and nearly linear integrands, which flatter every rule).
+``gpu``        ``amig`` throughput (queries/s) and peak memory for several batch sizes, fp32
+               and bf16 autocast; runs on the CPU too (``--device cpu``), so it is tested.
+
+The BERT-base and GPT-2-small sized models are built from configs with fixed seeds and random
+weights; the queries are single-token facts of the bundled mLAMA sample with tokenizers built
+from that sample. Nothing is downloaded. ``--size tiny`` runs everything on tiny models (the
+test suite uses it).
+
+The library is installed into ``benchmarks/.deps`` (``make bench-deps``), not into the
+project's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks" / ".deps")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kneurons.attribution import attribute, probability_gap  # noqa: E402
+from kneurons.models import LanguageModel, wrap_model  # noqa: E402
+from kneurons.queries import EncodedQuery, encode_query  # noqa: E402
+
+MLAMA = ROOT / "resources" / "mlama-mini" / "mlama1.1"
+SIZES = {
+    # BERT-base: 12 layers, hidden 768, FFN 3072; GPT-2 small: the same sizes
+    "base": {"bert": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          intermediate_size=3072, vocab_size=30522),
+             "gpt2": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)},
+    # tiny: for the tests; large initial weights give peaked outputs, so that probability
+    # gaps stand above float noise
+    "tiny": {"bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, initializer_range=0.2),
+             "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=48, initializer_range=0.2)},
+}
+
+
+# ----------------------------------------------------------------------------- set-up
+def english_facts() -> list[dict]:
+    from kneurons.mlama import read_mlama
+
+    table, _ = read_mlama(MLAMA, "en")
+    return table.to_dict("records")
+
+
+def _sentences(facts: list[dict]) -> list[str]:
+    return [f["template"].replace("[X]", f["sub_label"]).replace("[Y]", f["obj_label"])
+            for f in facts]
+
+
+def bert_tokenizer(facts: list[dict]):
+    """Word-level uncased WordPiece vocabulary of the sample's sentences."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+    from transformers import BertTokenizerFast
+
+    words: dict[str, None] = {}
+    pre = BertPreTokenizer()
+    for text in _sentences(facts):
+        for w, _ in pre.pre_tokenize_str(text.lower()):
+            words.setdefault(w)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate([*specials, *words])})
+
+
+def gpt2_tokenizer(facts: list[dict], vocab_size: int = 8000):
+    """Byte-level BPE trained on the sample's sentences, ``<|endoftext|>`` as bos/eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(_sentences(facts), trainer)
+    return GPT2TokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def build_model(kind: str, size: str, device: str = "cpu", seed: int = 0) -> LanguageModel:
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    facts = english_facts()
+    torch.manual_seed(seed)
+    if kind == "bert":
+        tok = bert_tokenizer(facts)
+        cfg = {"vocab_size": len(tok), **SIZES[size]["bert"]}
+        cfg["vocab_size"] = max(cfg["vocab_size"], len(tok))
+        return wrap_model(BertForMaskedLM(BertConfig(**cfg)), tok, "masked", device)
+    tok = gpt2_tokenizer(facts)
+    cfg = {"vocab_size": len(tok), **SIZES[size]["gpt2"]}
+    cfg["vocab_size"] = max(cfg["vocab_size"], len(tok))
+    cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return wrap_model(GPT2LMHeadModel(GPT2Config(**cfg)), tok, "causal", device)
+
+
+class Query:
+    """One fact as our engine's query and as the library's (prompt, ground truth)."""
+
+    def __init__(self, fact: dict, encoded: EncodedQuery, prompt: str, truth: str):
+        self.fact, self.encoded, self.prompt, self.truth = fact, encoded, prompt, truth
+
+
+def single_token_queries(lm: LanguageModel, n: int, seed: int = 0) -> list[Query]:
+    """``n`` facts (relations taken in turn, seeded) whose object is one token, with the
+    template's text before ``[Y]`` non-empty; the library's tokenization must equal ours."""
+    rng = np.random.default_rng(seed)
+    facts = english_facts()
+    rng.shuffle(facts)
+    by_rel: dict[str, list[dict]] = {}
+    for f in facts:
+        by_rel.setdefault(f["relation"], []).append(f)
+    order = [f for group in zip(*by_rel.values()) for f in group]
+    tok, out = lm.tokenizer, []
+    for f in order:
+        prefix = f["template"].split("[Y]")[0].replace("[X]", f["sub_label"]).rstrip()
+        if not prefix:
+            continue
+        try:
+            q = encode_query(lm, f["template"], f["sub_label"], f["obj_label"])
+        except ValueError:
+            continue
+        if len(q.target_ids) != 1:
+            continue
+        if lm.arch == "masked":
+            prompt = f["template"].replace("[X]", f["sub_label"]).replace("[Y]", tok.mask_token)
+            truth = tok.convert_ids_to_tokens(q.target_ids[0])
+        else:
+            prompt, truth = prefix, " " + f["obj_label"].strip()
+            if tok.encode(truth) != q.target_ids:
+                continue
+        if list(tok(prompt)["input_ids"]) != q.input_ids:
+            continue
+        out.append(Query(f, q, prompt, truth))
+        if len(out) == n:
+            return out
+    raise SystemExit(f"only {len(out)} single-token facts found, {n} wanted")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True).stdout.strip()
+    except OSError:
+        commit = ""
+    info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "commit": commit}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def agreement(ours: np.ndarray, ref: np.ndarray) -> dict:
+    a, b = ours.ravel().astype(np.float64), ref.ravel().astype(np.float64)
+    r = float(np.corrcoef(a, b)[0, 1])
+    return {"pearson_r": r, "max_abs_diff_rel": float(np.abs(a - b).max() / np.abs(b).max())}
+
+
+# ----------------------------------------------------------------------------- modes
+def mode_reference(args) -> dict:
+    try:
+        from knowledge_neurons import KnowledgeNeurons
+    except ImportError:
+        raise SystemExit("knowledge-neurons is not installed: run `make bench-deps` "
+                         "(installs it into benchmarks/.deps)") from None
+    out = {}
+    for kind in args.models:
+        lm = build_model(kind, args.size, args.device)
+        kn = KnowledgeNeurons(lm.model, lm.tokenizer, model_type="bert" if kind == "bert"
+                              else "gpt", device=args.device)
+        site = "post" if kind == "bert" else "pre"  # the library's own neuron site
+        queries = single_token_queries(lm, args.queries + 1)
+
+        def ours(q: Query) -> np.ndarray:
+            (res,) = attribute(lm, [q.encoded], method="ig", steps=args.steps,
+                               quadrature="linspace", site=site, batch_size=args.batch_size)
+            return res.scores
+
+        def lib(q: Query) -> np.ndarray:
+            return kn.get_scores(q.prompt, q.truth, batch_size=args.steps, steps=args.steps,
+                                 pbar=False).detach().cpu().numpy()
+
+        ours(queries[0]), lib(queries[0])  # warm-up, not timed
+        t_ours, t_lib, agree = [], [], []
+        for i, q in enumerate(queries[1:]):
+            pair = [(ours, t_ours), (lib, t_lib)]
+            got = {}
+            for fn, times in (pair if i % 2 == 0 else pair[::-1]):
+                got[fn.__name__], sec = timed(lambda fn=fn: fn(q))
+                times.append(sec)
+            agree.append(agreement(got["ours"], got["lib"]))
+            print(f"{kind} query {i}: ours {t_ours[-1]:.2f} s, library {t_lib[-1]:.2f} s, "
+                  f"r = {agree[-1]['pearson_r']:.7f}", flush=True)
+        out[kind] = {
+            "site": site, "steps": args.steps, "quadrature": "linspace",
+            "n_queries": len(t_ours), "query_lengths": [len(q.encoded.input_ids)
+                                                        for q in queries[1:]],
+            "ours_s_per_query": statistics.median(t_ours),
+            "library_s_per_query": statistics.median(t_lib),
+            "speedup": statistics.median(t_lib) / statistics.median(t_ours),
+            "min_pearson_r": min(a["pearson_r"] for a in agree),
+            "max_abs_diff_rel": max(a["max_abs_diff_rel"] for a in agree),
+            "ours_times": t_ours, "library_times": t_lib,
+        }
+    return out
+
+
+def mode_amig(args) -> dict:
+    variants = [("ig", "riemann", args.steps), ("amig", "riemann", args.steps)]
+    if args.gl_steps:
+        variants.append(("amig", "gauss-legendre", args.gl_steps))
+    out = {}
+    for kind in args.models:
+        lm = build_model(kind, args.size, args.device)
+        queries = single_token_queries(lm, args.queries + 1)
+
+        def run(q: Query, method: str, quad: str, steps: int) -> np.ndarray:
+            (res,) = attribute(lm, [q.encoded], method=method, steps=steps, quadrature=quad,
+                               batch_size=args.batch_size)
+            return res.scores
+
+        for v in variants:
+            run(queries[0], *v)  # warm-up
+        times: dict = {v: [] for v in variants}
+        for i, q in enumerate(queries[1:]):
+            order = variants if i % 2 == 0 else variants[::-1]
+            for v in order:
+                _, sec = timed(lambda v=v: run(q, *v))
+                times[v].append(sec)
+            print(f"{kind} query {i}: " + ", ".join(
+                f"{m}/{qd}/{s} {times[(m, qd, s)][-1]:.2f} s" for m, qd, s in variants),
+                flush=True)
+        res = {f"{m}_{qd}_{s}_s_per_query": statistics.median(times[(m, qd, s)])
+               for m, qd, s in variants}
+        ig_t = statistics.median(times[variants[0]])
+        res.update({
+            "n_queries": len(queries) - 1,
+            "query_lengths": [len(q.encoded.input_ids) for q in queries[1:]],
+            "baselines_per_query": [len(q.encoded.query_positions) for q in queries[1:]],
+            "amig_over_ig": statistics.median(times[variants[1]]) / ig_t,
+            "times": {f"{m}_{qd}_{s}": t for (m, qd, s), t in times.items()},
+        })
+        out[kind] = res
+    return out
+
+
+def toy_models(args) -> dict[str, LanguageModel]:
+    """The default run's toy models (results/models/), or trained here the same way."""
+    from kneurons.models import load_model
+
+    found = {name: ROOT / "results" / "models" / name / "model"
+             for name in ("toy-bert", "toy-gpt")}
+    arch = {"toy-bert": "masked", "toy-gpt": "causal"}
+    if all(p.is_dir() for p in found.values()):
+        return {n: load_model(str(p), arch[n], device=args.device) for n, p in found.items()}
+    import yaml
+
+    from kneurons.mlama import read_mlama
+    from kneurons.toy import ToyConfig, fit_toy_model
+
+    conf = yaml.safe_load((ROOT / "config.yaml").read_text())
+    tables = {lang: read_mlama(ROOT / conf["mlama"]["source"], lang)[0]
+              for lang in conf["mlama"]["languages"]}
+    cfg = ToyConfig(**conf["toy"])
+    out = {}
+    for name, kind in arch.items():
+        print(f"training {name} (results/models/ has none)", flush=True)
+        model, tok, _ = fit_toy_model(tables, kind, cfg, conf["seed"])
+        out[name] = wrap_model(model, tok, kind, args.device)
+    return out
+
+
+def mode_quadrature(args) -> dict:
+    steps_list = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 32]
+    out = {}
+    models = toy_models(args) if args.size == "base" else {
+        "tiny-bert": build_model("bert", "tiny"), "tiny-gpt2": build_model("gpt2", "tiny")}
+    for name, lm in models.items():
+        facts = english_facts()
+        rng = np.random.default_rng(0)
+        picked = [facts[i] for i in rng.permutation(len(facts))]
+        queries = []
+        for f in picked:
+            try:
+                q = encode_query(lm, f["template"], f["sub_label"], f["obj_label"])
+            except ValueError:
+                continue
+            if q.query_positions:
+                queries.append(q)
+            if len(queries) == args.queries:
+                break
+        res = {}
+        for method in ("ig", "amig"):
+            gaps = np.stack([probability_gap(lm, q, method=method) for q in queries])  # [Q, L]
+            denom = float(np.abs(gaps).sum())
+            for quad in ("riemann", "gauss-legendre"):
+                errs = {}
+                for steps in steps_list:
+                    got = np.stack([r.scores.sum(axis=1) for r in attribute(
+                        lm, queries, method=method, steps=steps, quadrature=quad)])  # [Q, L]
+                    errs[steps] = float(np.abs(got - gaps).sum() / denom)
+                res[f"{method}_{quad}"] = errs
+                print(f"{name} {method} {quad}: " + ", ".join(
+                    f"{s}:{e:.2e}" for s, e in errs.items()), flush=True)
+            target = res[f"{method}_riemann"][20]
+            res[f"{method}_gauss_legendre_steps_matching_riemann_20"] = next(
+                (s for s in steps_list if res[f"{method}_gauss-legendre"][s] <= target), None)
+        res["n_queries"] = len(queries)
+        res["error"] = ("sum over queries and layers of |sum of scores - probability gap| / "
+                        "sum of |probability gap|")
+        out[name] = res
+    return out
+
+
+def mode_gpu(args) -> dict:
+    dev = torch.device(args.device)
+    lm = build_model("bert", args.size, args.device)
+    queries = [q.encoded for q in single_token_queries(lm, args.queries)]
+    sizes = args.gpu_batch_sizes
+    autocasts = [False, True] if dev.type == "cuda" or args.autocast else [False]
+    ref = None
+    rows = []
+    for autocast in autocasts:
+        for bs in sizes:
+            attribute(lm, queries[:1], method="amig", steps=args.steps, batch_size=bs,
+                      autocast=autocast)  # warm-up
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            res, sec = timed(lambda: attribute(lm, queries, method="amig", steps=args.steps,
+                                               batch_size=bs, autocast=autocast))
+            scores = np.stack([r.scores for r in res])
+            if ref is None:
+                ref = scores
+            row = {"autocast_bf16": autocast, "batch_size": bs, "seconds": sec,
+                   "queries_per_s": len(queries) / sec,
+                   "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                    if dev.type == "cuda" else None),
+                   **{f"vs_fp32_{k}": v for k, v in agreement(scores, ref).items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"bert": {"device": str(dev), "n_queries": len(queries), "steps": args.steps,
+                     "runs": rows,
+                     "best_queries_per_s": max(r["queries_per_s"] for r in rows)}}
+
+
+MODES = {"reference": mode_reference, "amig": mode_amig, "quadrature": mode_quadrature,
+         "gpu": mode_gpu}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=sorted(MODES))
+    p.add_argument("--models", nargs="+", choices=["bert", "gpt2"], default=["bert", "gpt2"])
+    p.add_argument("--size", choices=sorted(SIZES), default="base")
+    p.add_argument("--queries", type=int, default=None,
+                   help="timed queries (default: 5; quadrature 20; gpu 64 on cuda, 4 on cpu)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--gl-steps", type=int, default=None,
+                   help="amig mode: also time amig with this many Gauss-Legendre steps")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="our engine's rows per pass")
+    p.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=None)
+    p.add_argument("--autocast", action="store_true", help="gpu mode on cpu: also bf16")
+    p.add_argument("--device", default=None, help="default: cuda in gpu mode if present")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    if args.device is None:
+        args.device = "cuda" if args.mode == "gpu" and cuda else "cpu"
+    if args.queries is None:
+        args.queries = {"quadrature": 20, "gpu": 64 if args.device.startswith("cuda") else 4
+                        }.get(args.mode, 5)
+    if args.gpu_batch_sizes is None:
+        args.gpu_batch_sizes = [256, 512, 1024, 2048] if args.device.startswith("cuda") \
+            else [64, 128]
+    result = {"mode": args.mode, "size": args.size, "machine": machine(),
+              "args": {k: (str(v) if isinstance(v, Path) else v)
+                       for k, v in vars(args).items()},
+              "results": MODES[args.mode](args)}
+    suffix = "" if args.size == "base" else f"-{args.size}"
+    dev = "gpu" if args.device.startswith("cuda") else "cpu"
+    out = args.out or ROOT / "benchmarks" / "results" / f"{args.mode}-{dev}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
