@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -361,10 +362,18 @@ def mode_gpu(args) -> dict:
     lm = build_model("bert", args.size, args.device)
     queries = [q.encoded for q in single_token_queries(lm, args.queries)]
     sizes = args.gpu_batch_sizes
-    autocasts = [False, True] if dev.type == "cuda" or args.autocast else [False]
+    # precision: fp32; tf32 (fp32 storage, TensorFloat-32 matmuls, CUDA only); bf16 autocast
+    precisions = [("fp32", False, False)]
+    if dev.type == "cuda":
+        precisions.append(("tf32", False, True))
+    if dev.type == "cuda" or args.autocast:
+        precisions.append(("bf16-autocast", True, False))
     ref = None
     rows = []
-    for autocast in autocasts:
+    for precision, autocast, tf32 in precisions:
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         for bs in sizes:
             attribute(lm, queries[:1], method="amig", steps=args.steps, batch_size=bs,
                       autocast=autocast)  # warm-up
@@ -375,16 +384,25 @@ def mode_gpu(args) -> dict:
             scores = np.stack([r.scores for r in res])
             if ref is None:
                 ref = scores
-            row = {"autocast_bf16": autocast, "batch_size": bs, "seconds": sec,
+            row = {"precision": precision, "batch_size": bs, "seconds": sec,
                    "queries_per_s": len(queries) / sec,
                    "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
                                     if dev.type == "cuda" else None),
                    **{f"vs_fp32_{k}": v for k, v in agreement(scores, ref).items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return {"bert": {"device": str(dev), "n_queries": len(queries), "steps": args.steps,
-                     "runs": rows,
-                     "best_queries_per_s": max(r["queries_per_s"] for r in rows)}}
+    out = {"device": str(dev), "n_queries": len(queries), "steps": args.steps, "runs": rows,
+           "best_queries_per_s": max(r["queries_per_s"] for r in rows)}
+    if args.check_cpu and dev.type != "cpu":
+        # the same model (same seed) on the CPU, all cores: the device's fp32 numbers agree
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        cpu_lm = build_model("bert", args.size, "cpu")
+        cpu = attribute(cpu_lm, queries[:args.check_cpu], method="amig", steps=args.steps)
+        torch.set_num_threads(threads)
+        out["fp32_vs_cpu"] = agreement(ref[:args.check_cpu], np.stack([r.scores for r in cpu]))
+        print("fp32 on the device vs the CPU:", out["fp32_vs_cpu"], flush=True)
+    return {"bert": out}
 
 
 MODES = {"reference": mode_reference, "amig": mode_amig, "quadrature": mode_quadrature,
@@ -406,6 +424,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--batch-size", type=int, default=None, help="our engine's rows per pass")
     p.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--autocast", action="store_true", help="gpu mode on cpu: also bf16")
+    p.add_argument("--check-cpu", type=int, default=0, metavar="N",
+                   help="gpu mode: also compare the first N queries with a CPU run")
     p.add_argument("--device", default=None, help="default: cuda in gpu mode if present")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
