@@ -370,3 +370,34 @@ def test_cross_lingual_editing_on_a_tiny_model(tiny_bert):
             assert edit.p_wrong_after == pytest.approx(edited[1], rel=1e-6)
     summary = edit_summary(results)
     assert set(summary["target"]) == {"fact", "unrelated"} and (summary["n"] > 0).all()
+
+
+def test_likn_report_tables_markdown_and_figures(tmp_path):
+    from kneurons.reports import LIKN_FIGURES, likn_report
+
+    table = likn_table(KN, RELATIONS, seed=0)
+    rows = [dict(operation=op, neuron_set=name, edit_lang=ANY_LANGUAGE if op == "erase" else "en",
+                 eval_lang=lang, target=target, edited_uuid="a", uuid="a", relation="P1",
+                 n_neurons=2, p_true_before=0.9, p_true_after=0.45, top1_true_before=True,
+                 top1_true_after=False, p_wrong_before=0.1 if target == "fact" else None,
+                 p_wrong_after=0.5 if target == "fact" else None, top1_wrong_before=False,
+                 top1_wrong_after=(target == "fact") or None)
+            for op in ("erase", "edit") for name in ("likn", "random")
+            for lang in ("en", "zh") for target in ("fact", "unrelated")]
+    run = {"model": "m", "stats": likn_statistics(table), "layers": likn_layer_counts(table),
+           "edits": edit_summary(pd.DataFrame(rows, columns=EDIT_COLUMNS))}
+    figures = {name: (tmp_path / f"{name}.png", tmp_path / f"{name}.svg") for name in LIKN_FIGURES}
+    stats, edits = likn_report([run], tmp_path / "likn.csv", tmp_path / "edit.csv",
+                               tmp_path / "likn.md", figures)
+    assert list(stats.columns[:3]) == ["model", "languages", "kind"]
+    assert pd.read_csv(tmp_path / "edit.csv")["model"].eq("m").all()
+    text = (tmp_path / "likn.md").read_text()
+    assert "| m | en+zh | same fact (LIKN) | 2 | 50.00 | 1.00 |" in text
+    assert "| m | likn | 2.00 | en | 1 | 0.900 | 0.450 | -50.0 | 100.00 | 0.00 | -50.0 | 0.00 |" in text
+    assert "| m | en | likn | zh | 100.00 | 0.100 | 0.500 |" in text
+    for png, svg in figures.values():
+        assert png.read_bytes()[:4] == b"\x89PNG" and svg.stat().st_size > 0
+    empty = {"model": "e", "stats": run["stats"].iloc[0:0], "layers": run["layers"].iloc[0:0],
+             "edits": run["edits"].iloc[0:0]}
+    likn_report([empty], tmp_path / "e.csv", tmp_path / "e2.csv", tmp_path / "e.md", figures)
+    assert "(no data)" in (tmp_path / "e.md").read_text()
