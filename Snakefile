@@ -18,6 +18,7 @@ include: "workflow/rules/attribution.smk"
 include: "workflow/rules/neurons.smk"
 include: "workflow/rules/factcheck.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/likn.smk"
 
 
 rule all:

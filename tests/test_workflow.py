@@ -120,6 +120,45 @@ def test_the_whole_dag_produces_table_3(finished_run):
     assert not list((workdir / "results").rglob("*.checkpoint"))
 
 
+def test_the_whole_dag_finds_likn_and_edits_across_languages(finished_run):
+    workdir, config = finished_run
+    neurons = workdir / "results" / "neurons"
+    for model in ("toy-bert", "toy-gpt"):
+        table = pd.read_parquet(neurons / model / "likn.parquet")
+        assert set(table["languages"]) == {"en+zh"}
+        facts = table[table["kind"] == "fact"]
+        assert len(facts) == 80 and facts["uuid"].is_unique  # 2 relations x 40 discovery facts
+        assert set(table["kind"]) == {"fact", "control_random", "control_same_relation"}
+        assert (table["n_likn"] <= table["n_kn"].map(min)).all()
+        controls = table[table["kind"] != "fact"]
+        assert (controls["uuid"] != controls["partner_uuid"]).all()
+        edits = pd.read_parquet(neurons / model / "likn_edit.parquet")
+        assert 0 < edits["edited_uuid"].nunique() <= config["likn"]["edit_sample"]
+        assert set(edits["operation"]) == {"erase", "edit"}
+        assert set(edits["neuron_set"]) == {"likn", "only_en", "only_zh", "random"}
+        # the unpatched P(true) is the attribution shard's own prob of the same query
+        for lang in ("en", "zh"):
+            shards = sorted((workdir / "results" / "attribution" / model / lang / "discovery")
+                            .glob("shard-*.parquet"))
+            records = pd.concat([pd.read_parquet(p) for p in shards])
+            prob = records[records["candidate"] == "true"].set_index("uuid")["prob"]
+            mine = edits[(edits["eval_lang"] == lang)].drop_duplicates("uuid")
+            assert (mine["p_true_before"] - prob.loc[mine["uuid"]].to_numpy()).abs().max() < 1e-4
+    reports = workdir / "results" / "reports"
+    stats = pd.read_csv(reports / "likn.csv")
+    overall = stats[stats["relation"] == "all"]
+    assert len(overall) == 2 * 3  # models x (facts, two controls)
+    assert overall["share_with_likn"].between(0, 1).all()
+    summary = pd.read_csv(reports / "likn_edit.csv")
+    assert set(summary["model"]) == {"toy-bert", "toy-gpt"}
+    assert set(summary["target"]) == {"fact", "unrelated"}
+    text = (reports / "likn.md").read_text()
+    assert "## LIKN of the discovery facts" in text and "## Editing" in text
+    for name in ("likn_layers", "likn_erase", "likn_edit"):
+        assert (reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (reports / "figures" / f"{name}.svg").stat().st_size > 0
+
+
 def planned(workdir: Path, config: dict, *args: str) -> dict[str, int]:
     """{rule: jobs} that a dry run after ``config`` changes would run."""
     from test_workflow_static import job_counts
@@ -139,10 +178,17 @@ def planned(workdir: Path, config: dict, *args: str) -> dict[str, int]:
      {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
     (lambda c: c["split"].update(discovery_fraction=0.7),
      {"split_facts": 1, "attribute_shard": 16, "detect_dkn": 8, "aggregate_dkn": 4,
-      "fact_check": 4, "report_fact_check": 1, "all": 1}),
+      "fact_check": 4, "report_fact_check": 1, "find_likn": 2, "edit_likn": 2,
+      "report_likn": 1, "all": 1}),
     (lambda c: c.update(seed=7),
      {"corrupt_facts": 1, "split_facts": 1, "train_toy_model": 2, "attribute_shard": 16,
-      "detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
+      "detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1,
+      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "all": 1}),
+    (lambda c: c["likn"].update(edit_sample=3), {"edit_likn": 2, "report_likn": 1, "all": 1}),
+    (lambda c: c["likn"].update(lambda2=4.0), {"edit_likn": 2, "report_likn": 1, "all": 1}),
+    (lambda c: c["neurons"].update(max_kn=10),
+     {"detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1,
+      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "all": 1}),
     (lambda c: c["models"].update({"toy-gpt-en": {"toy": True, "arch": "causal", "languages": ["en"]}}),
      {"train_toy_model": 1, "attribute_shard": 4, "detect_dkn": 2, "aggregate_dkn": 1,
       "fact_check": 1, "report_fact_check": 1, "all": 1}),

@@ -52,6 +52,9 @@ def test_default_dry_run_plans_every_stage():
     assert counts["prepare_mlama"] == len(config["mlama"]["languages"])
     assert counts["train_toy_model"] == len(config["models"])
     assert counts["attribute_shard"] == pairs * 2 * config["attribution"]["shards"]
+    multilingual = sum(len(spec["languages"]) >= 2 for spec in config["models"].values())
+    assert counts["find_likn"] == counts["edit_likn"] == multilingual
+    assert counts["report_likn"] == 1
 
 
 @pytest.mark.skipif(not (REPO.parent / "shared/data/mlama-en-zh/mlama1.1").is_dir(),
@@ -63,6 +66,7 @@ def test_paper_config_plans_without_toy_models():
     assert "train_toy_model" not in counts  # the default's toy models are not merged in
     # m-bert and m-gpt on en and zh, bert and gpt2 on en: 6 pairs, 2 parts, 16 shards
     assert counts["attribute_shard"] == 6 * 2 * 16
+    assert counts["find_likn"] == counts["edit_likn"] == 2  # m-bert and m-gpt only
 
 
 @pytest.mark.parametrize(
@@ -73,6 +77,8 @@ def test_paper_config_plans_without_toy_models():
         ({"neurons": {"max_kn": 500}}, "max_kn"),
         ({"models": {"x": {"toy": True, "arch": "masked", "languages": ["fr"]}}}, "models.x.languages"),
         ({"mlama": {"source": "https://example.org/mlama1.1.zip"}}, "sha256"),
+        ({"likn": {"edit_samples": 3}}, "edit_samples"),
+        ({"likn": {"edit_sample": 0}}, "edit_sample"),
     ],
 )
 def test_bad_config_stops_before_any_job(tmp_path, patch, needle):

@@ -10,6 +10,7 @@ VERSIONS = {
     "attribution": 1,
     "dkn": 1,
     "factcheck": 1,
+    "likn": 1,
 }
 
 LANGUAGES = list(config["mlama"]["languages"])
@@ -102,8 +103,13 @@ def model_params(wildcards):
     }
 
 
+def model_languages(alias):
+    """The model's languages, in mlama.languages order."""
+    return [lang for lang in LANGUAGES if lang in MODELS[alias]["languages"]]
+
+
 def toy_model_languages(wildcards):
-    return [lang for lang in LANGUAGES if lang in MODELS[wildcards.model]["languages"]]
+    return model_languages(wildcards.model)
 
 
 # ---- models x languages ------------------------------------------------------------------------
@@ -122,11 +128,46 @@ def expand_pairs(pattern):
     ]
 
 
+# ---- language-independent knowledge neurons (models with several languages) --------------
+
+LIKN_MODELS = [alias for alias in MODELS if len(MODELS[alias]["languages"]) >= 2]
+
+
+def likn_languages(wildcards):
+    return model_languages(wildcards.model)
+
+
+def likn_attribution_input(wildcards):
+    """{attribution_<lang>: the model's discovery shards of <lang>} for each of its languages."""
+    return {
+        f"attribution_{lang}": [
+            f"results/attribution/{wildcards.model}/{lang}/discovery/shard-{shard}.parquet"
+            for shard in SHARDS
+        ]
+        for lang in model_languages(wildcards.model)
+    }
+
+
+def likn_facts_input(wildcards):
+    """{facts_<lang>: the discovery facts of <lang>} for each of the model's languages."""
+    return {
+        f"facts_{lang}": f"results/data/facts/{lang}/discovery.parquet"
+        for lang in model_languages(wildcards.model)
+    }
+
+
+def likn_outputs():
+    if not LIKN_MODELS:
+        return []
+    return ["results/reports/likn.csv", "results/reports/likn.md"]
+
+
 def final_outputs():
     return [
         "results/reports/fact_check.csv",
         "results/reports/fact_check.md",
         *expand_pairs("results/neurons/{model}/{lang}/neuron_stats.csv"),
+        *likn_outputs(),
         *[
             f"results/models/{alias}/train_metrics.json"
             for alias, spec in MODELS.items()
