@@ -96,3 +96,20 @@ def test_usage_errors(saved, capsys):
     assert "marker" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["attribute", "--model", path, "--arch", "decoder", "--prompt", "a [MASK]"])
+
+
+def test_site_and_autocast_options_reach_the_engine(saved, tmp_path):
+    lm, path = saved["gpt2"]
+    prompt = "The capital of Tanzania is [MASK] ."
+    for extra, opts in [(["--site", "pre", "--quadrature", "linspace"],
+                         dict(site="pre", quadrature="linspace")),
+                        (["--autocast"], dict(autocast=True))]:
+        out = tmp_path / "scores.npy"
+        assert main(["attribute", "--model", str(path), "--arch", "causal", "--prompt", prompt,
+                     "--target", "Dodoma", "--method", "ig", "--steps", "3", "--out", str(out),
+                     *extra]) == 0
+        (ref,) = attribute(lm, [encode_prompt(lm, prompt, "Dodoma")], method="ig", steps=3,
+                           **opts)
+        (default,) = attribute(lm, [encode_prompt(lm, prompt, "Dodoma")], method="ig", steps=3)
+        np.testing.assert_allclose(np.load(out), ref.scores, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(ref.scores, default.scores, rtol=1e-6, atol=0)

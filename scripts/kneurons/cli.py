@@ -43,8 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--marker", default="[MASK]", help="object slot marker in prompts")
     a.add_argument("--method", default="amig", choices=["amig", "ig"])
     a.add_argument("--steps", type=int, default=20)
-    a.add_argument("--quadrature", default="riemann", choices=["riemann", "gauss-legendre"])
-    a.add_argument("--batch-size", type=int, default=None, help="interpolation rows per pass")
+    a.add_argument("--quadrature", default="riemann",
+                   choices=["riemann", "gauss-legendre", "linspace"])
+    a.add_argument("--site", default="post", choices=["post", "pre"],
+                   help="FFN activation after (post) or before (pre) the nonlinearity")
+    a.add_argument("--batch-size", type=int, default=None,
+                   help="interpolation rows per pass (default: 64 on the CPU, 1024 on a GPU)")
+    a.add_argument("--autocast", action="store_true",
+                   help="bf16 autocast for the gradient passes (a GPU option; scores change "
+                        "in the third digit)")
     a.add_argument("--out", type=Path, default=None,
                    help=".npy file (--prompt) or folder (--queries)")
     a.add_argument("--top", type=int, default=10, help="neurons printed per query")
@@ -125,7 +132,7 @@ def _attribute(args: argparse.Namespace) -> None:
             raise InputError(f"{where}{e}") from None
 
     opts = dict(method=args.method, steps=args.steps, quadrature=args.quadrature,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, site=args.site, autocast=args.autocast)
     if args.queries is None:
         (res,) = attribute(lm, encoded, **opts)
         _report(None, res, args.top, lm.n_layers)
