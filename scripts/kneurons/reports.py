@@ -176,13 +176,31 @@ def _figure(plt, ncols: int, width: float, height: float):
     return fig, list(axes[0])
 
 
+def _layer_bars(ax, bars: Mapping[str, pd.Series], ylabel: str, heading: str,
+                **legend) -> None:
+    """Side-by-side bars per layer, one series (layer -> count) per legend label."""
+    from matplotlib.ticker import MaxNLocator
+
+    width = 0.8 / max(len(bars), 1)
+    for k, (label, part) in enumerate(bars.items()):
+        ax.bar(part.index.to_numpy() + (k - (len(bars) - 1) / 2) * width, part.to_numpy(),
+               width=width, label=label)
+    layers = sorted(set().union(*(part.index for part in bars.values())))
+    if layers:
+        ax.set_xticks(layers)
+        ax.set_xlim(min(layers) - 1, max(layers) + 1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(heading)
+    ax.legend(**legend)
+
 def plot_dkn_layers(layer_counts: pd.DataFrame, out_png, out_svg) -> None:
     """Number of DKN neurons per layer: one panel per model, one bar group per language.
 
     ``layer_counts`` has columns ``model, language, layer, count``.
     """
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
 
     title = "Degenerate knowledge neurons per layer"
     with plt.rc_context(_RC):
@@ -194,20 +212,10 @@ def plot_dkn_layers(layer_counts: pd.DataFrame, out_png, out_svg) -> None:
                 _no_data(axes[0], title)
             for ax, model in zip(axes, models):
                 sub = data[data["model"] == model]
-                languages = sorted(sub["language"].unique())
-                width = 0.8 / len(languages)
-                for k, language in enumerate(languages):
-                    part = sub[sub["language"] == language].groupby("layer")["count"].sum()
-                    ax.bar(part.index.to_numpy() + (k - (len(languages) - 1) / 2) * width,
-                           part.to_numpy(), width=width, label=f"mLAMA-{language}")
-                layers = sorted(sub["layer"].unique())
-                ax.set_xticks(layers)
-                ax.set_xlim(min(layers) - 1, max(layers) + 1)
-                ax.set_xlabel("layer")
-                ax.set_ylabel("DKN neurons")
-                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set_title(f"{model}")
-                ax.legend(title="dataset")
+                bars = {f"mLAMA-{language}": sub[sub["language"] == language]
+                        .groupby("layer")["count"].sum()
+                        for language in sorted(sub["language"].unique())}
+                _layer_bars(ax, bars, "DKN neurons", f"{model}", title="dataset")
             if models:
                 fig.suptitle(title)
             _save(fig, out_png, out_svg)
@@ -483,7 +491,6 @@ def plot_likn_layers(layers: pd.DataFrame, out_png, out_svg) -> None:
     (its language group with the most languages). Columns: model, languages, kind, layer,
     n_likn."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
 
     title = "Language-independent knowledge neurons per layer"
     with plt.rc_context(_RC):
@@ -496,21 +503,11 @@ def plot_likn_layers(layers: pd.DataFrame, out_png, out_svg) -> None:
                 sub = layers[layers["model"] == model]
                 group = _main_group(sub["languages"])
                 sub = sub[sub["languages"] == group]
-                kinds = [k for k in KIND_LABELS if k in set(sub["kind"])]
-                width = 0.8 / max(len(kinds), 1)
-                for j, kind in enumerate(kinds):
-                    part = sub[sub["kind"] == kind].groupby("layer")["n_likn"].sum()
-                    ax.bar(part.index.to_numpy() + (j - (len(kinds) - 1) / 2) * width,
-                           part.to_numpy(), width=width, label=KIND_LABELS[kind])
-                layer_ids = sorted(sub["layer"].unique())
-                if layer_ids:
-                    ax.set_xticks(layer_ids)
-                    ax.set_xlim(min(layer_ids) - 1, max(layer_ids) + 1)
-                ax.set_xlabel("layer")
-                ax.set_ylabel("neurons (summed over facts)")
-                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set_title(f"{model} ({group})")
-                ax.legend(fontsize="small")
+                bars = {KIND_LABELS[kind]: sub[sub["kind"] == kind]
+                        .groupby("layer")["n_likn"].sum()
+                        for kind in KIND_LABELS if kind in set(sub["kind"])}
+                _layer_bars(ax, bars, "neurons (summed over facts)", f"{model} ({group})",
+                            fontsize="small")
             if models:
                 fig.suptitle(title)
             _save(fig, out_png, out_svg)
