@@ -13,7 +13,7 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients
 
-from kneurons.attribution import (METHODS, QUADRATURES, Attribution, attribute,
+from kneurons.attribution import (METHODS, Attribution, attribute,
                                   knowledge_neurons, probability_gap, quadrature_rule)
 from kneurons.queries import EncodedQuery, encode_query
 
