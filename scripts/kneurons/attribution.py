@@ -455,7 +455,7 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
     with ``[Y]`` first has only its start token).
 
     ``batch_size``: rows (interpolation points) per forward/backward (default: 64 on the
-    CPU, where larger batches fall out of cache; 1024 on a GPU; see the README's
+    CPU, where larger batches fall out of cache; 512 on a GPU, which fits BERT-base-sized models on 24 GB cards; see the README's
     Performance section).
     ``layers``: attributed layers (default all; others score 0). ``site="pre"``: attribute
     w.r.t. the FFN pre-activation instead of the post-nonlinearity activation. ``autocast``:
@@ -472,7 +472,7 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
     for layer in layers:
         site_module(lm, layer, site)  # validates site for this architecture
     if batch_size is None:
-        batch_size = 64 if lm.device.type == "cpu" else 1024
+        batch_size = 64 if lm.device.type == "cpu" else 512
     batch_size = max(1, int(batch_size))
     n_l, dev = len(layers), lm.device
     layer_arr = np.asarray(layers)

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--site", default="post", choices=["post", "pre"],
                    help="FFN activation after (post) or before (pre) the nonlinearity")
     a.add_argument("--batch-size", type=int, default=None,
-                   help="interpolation rows per pass (default: 64 on the CPU, 1024 on a GPU)")
+                   help="interpolation rows per pass (default: 64 on the CPU, 512 on a GPU)")
     a.add_argument("--autocast", action="store_true",
                    help="bf16 autocast for the gradient passes (a GPU option; scores change "
                         "in the third digit)")
