@@ -455,8 +455,8 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
     with ``[Y]`` first has only its start token).
 
     ``batch_size``: rows (interpolation points) per forward/backward (default: 64 on the
-    CPU, where larger batches fall out of cache; 512 on a GPU, which fits BERT-base-sized models on 24 GB cards; see the README's
-    Performance section).
+    CPU, where larger batches fall out of cache; 512 on a GPU, which fits BERT-base-sized
+    models on 24 GB cards; see the README's Performance section).
     ``layers``: attributed layers (default all; others score 0). ``site="pre"``: attribute
     w.r.t. the FFN pre-activation instead of the post-nonlinearity activation. ``autocast``:
     bf16 autocast for the gradient passes (GPU option).
