@@ -17,7 +17,7 @@ from kneurons.likn import (
     ANY_LANGUAGE, EDIT_COLUMNS, control_partners, cross_lingual_editing, dai_edit_delta,
     edit_neuron_sets, edit_summary, edit_value_slots, find_likn, language_groups,
     language_independent_neurons, likn_layer_counts, likn_statistics, likn_table,
-    locality_facts, object_embedding, one_language_neurons, random_neurons_like,
+    locality_facts, object_embedding, one_language_neurons, other_fact_likn, random_neurons_like,
     sample_edit_facts, score_queries, share_of_kn, value_slot)
 from kneurons.queries import encode_query
 
@@ -162,6 +162,20 @@ def test_random_neurons_like_draws_distinct_free_neurons_of_the_same_layers():
     assert draws == {(1, 0), (1, 1), (1, 2), (1, 3)}  # uniform over the layer's free neurons
     with pytest.raises(ValueError, match="no free neuron"):
         random_neurons_like([(0, 0), (0, 1)], exclude=exclude, d_ff=4, rng=rng)
+
+
+def test_other_fact_likn_is_another_facts_large_enough_likn():
+    likn_of = {"a": [(0, 1), (1, 2)], "b": [(0, 3)], "c": [(2, 5), (1, 1), (0, 0)],
+               "d": [(1, 7), (0, 2)]}
+    seen = set()
+    for seed in range(20):
+        got = other_fact_likn("a", 2, likn_of, seed)
+        assert got in ([(2, 5), (1, 1)], [(1, 7), (0, 2)])  # never a itself, never b (too small)
+        assert got == other_fact_likn("a", 2, dict(reversed(list(likn_of.items()))), seed)
+        seen.add(tuple(got))
+    assert len(seen) == 2  # the seed chooses among the candidates
+    assert other_fact_likn("a", 3, likn_of, 0) == [(2, 5), (1, 1), (0, 0)]
+    assert other_fact_likn("c", 4, likn_of, 0) is None
 
 
 def test_sample_and_locality_are_seeded_and_order_independent():
@@ -341,10 +355,17 @@ def test_cross_lingual_editing_on_a_tiny_model(tiny_bert):
                                     lambda1=1.0, lambda2=8.0, seed=0)
     # only a is eligible (b: no LIKN; c: no one-language neurons; d: no LIKN)
     assert set(results["edited_uuid"]) == {"a"}
-    # 4 sets x (2 erase + 2 x 2 edit) scorings x (1 fact + 2 unrelated) rows
-    assert len(results) == 4 * 6 * 3
-    assert set(results["neuron_set"]) == {"likn", "only_en", "only_zh", "random"}
+    # 5 sets x (2 erase + 2 x 2 edit) scorings x (1 fact + 2 unrelated) rows
+    assert len(results) == 5 * 6 * 3
+    assert set(results["neuron_set"]) == {"likn", "likn_other", "only_en", "only_zh", "random"}
     assert (results["n_neurons"] == 1).all()
+    # likn_other: c's LIKN, the only other fact with one (c itself is not eligible)
+    other = results[(results["operation"] == "erase") & (results["neuron_set"] == "likn_other")
+                    & (results["target"] == "fact") & (results["eval_lang"] == "en")].iloc[0]
+    fact_a = facts["en"].iloc[0]
+    a_queries = [encode_query(tiny_bert, fact_a.template, fact_a.sub_label, fact_a.obj_label)]
+    assert other.p_true_after == pytest.approx(
+        score_queries(tiny_bert, a_queries, erase=[(0, 4)])[0][0], rel=1e-6)
     unrelated = results[results["target"] == "unrelated"]
     assert set(unrelated["uuid"]) == {"c", "d"} and unrelated["p_wrong_after"].isna().all()
     for lang in ("en", "zh"):

@@ -34,7 +34,10 @@ empty and whose KN of each single language (:func:`one_language_neurons`: KN_l m
 of every other language, best first) has at least k = |LIKN| neurons. Four neuron sets of k
 neurons each (:func:`edit_neuron_sets`): ``likn``; ``only_<lang>``: the k best neurons of
 that language only; ``random``: per LIKN neuron a uniformly drawn neuron of the same layer
-that is in no KN set of the fact (seeded per fact). Two operations, each with every set:
+that is in no KN set of the fact (seeded per fact); and ``likn_other``: the k best LIKN
+neurons of another fact (:func:`other_fact_likn`, seeded; absent when no other fact has k),
+which tells whether it is *this fact's* shared neurons that matter or shared neurons as
+such. Two operations, each with every set:
 
 * ``erase`` (Dai et al. 2022's suppression, as :mod:`kneurons.dkn`): the set's activations
   (the input of the FFN output projection) are set to 0 at the object's position(s) of the
@@ -291,6 +294,18 @@ def edit_neuron_sets(kn_by_lang: Mapping[str, Sequence[Neuron]], d_ff: int, seed
     return sets
 
 
+def other_fact_likn(uuid: str, k: int, likn_of: Mapping[str, Sequence[Neuron]], seed: int
+                    ) -> list[Neuron] | None:
+    """The ``k`` best LIKN neurons of *another* fact: the first fact, in an order seeded by
+    (seed, uuid), whose LIKN has at least ``k`` neurons; None when there is none. The control
+    that tells "this fact's shared neurons" from "neurons shared by many facts"."""
+    candidates = sorted((v for v, s in likn_of.items() if v != uuid and len(s) >= k),
+                        key=lambda v: _rank("likn-other", seed, uuid, v))
+    if not candidates:
+        return None
+    return [(int(a), int(b)) for a, b in likn_of[candidates[0]][:k]]
+
+
 def sample_edit_facts(uuids: Iterable[str], n: int, seed: int) -> list[str]:
     """``n`` of ``uuids`` (all when fewer), ranked by sha256("likn-edit", seed, uuid)."""
     return sorted(set(uuids), key=lambda u: _rank("likn-edit", seed, u))[:n]
@@ -464,6 +479,14 @@ def cross_lingual_editing(lm: LanguageModel, facts: Mapping[str, pd.DataFrame],
         if found is not None:
             sets[row.uuid] = found
     sample = sample_edit_facts(sets, edit_sample, seed)
+    likn_of = {row.uuid: list(zip(row.likn_layers, row.likn_neurons))
+               for row in rows.itertuples(index=False)
+               if row.uuid in common_uuids and row.n_likn > 0}
+    for uuid in sample:
+        other = other_fact_likn(uuid, len(sets[uuid]["likn"]), likn_of, seed)
+        if other is not None:  # after the fact's own LIKN, in the reports too
+            sets[uuid] = {"likn": sets[uuid]["likn"], "likn_other": other,
+                          **{n: v for n, v in sets[uuid].items() if n != "likn"}}
     relation_of = {u: indexed[languages[0]].at[u, "relation"] for u in sorted(common_uuids)}
     out = []
     bar = tqdm(total=len(sample), file=progress, desc="LIKN editing", mininterval=5.0,

@@ -516,8 +516,8 @@ def plot_likn_layers(layers: pd.DataFrame, out_png, out_svg) -> None:
 
 
 def _set_order(names) -> list[str]:
-    rank = {"likn": 0, "random": 2}
-    return sorted(set(names), key=lambda n: (rank.get(n, 1), n))
+    rank = {"likn": 0, "likn_other": 1, "random": 3}
+    return sorted(set(names), key=lambda n: (rank.get(n, 2), n))
 
 
 def _grouped_bars(ax, data: pd.DataFrame, x_keys: list, value: str, scale: float = 100.0):

@@ -10,7 +10,7 @@ VERSIONS = {
     "attribution": 1,
     "dkn": 1,
     "factcheck": 1,
-    "likn": 1,
+    "likn": 2,
 }
 
 LANGUAGES = list(config["mlama"]["languages"])
