@@ -466,7 +466,9 @@ def likn_markdown(stats: pd.DataFrame, edits: pd.DataFrame) -> str:
             f"{_signed_percent(unrelated.get('rel_change_p_true'))} | "
             f"{_percent(unrelated.get('top1_true_after'))} |")
     out += ["", "Sets of equal size k = |LIKN| per fact: likn (the fact's LIKN over all the "
-            "model's languages), only_<lang> (the k best KN of that language that are in no "
+            "model's languages), likn_other (the k best LIKN neurons of another fact, "
+            "seeded; facts without such a fact are left out of this set), only_<lang> (the k "
+            "best KN of that language that are in no "
             "other language's KN), random (per LIKN neuron a random neuron of the same layer "
             "outside every KN of the fact). Change: mean relative change of P(true) "
             "((after - before) / before). P(object): mean over the object's tokens (teacher "
