@@ -54,12 +54,14 @@ def test_default_workflow_runs_through_sbatch(slurm_cluster, tmp_path):
         ["timeout", "-s", "KILL", "1500", str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"),
          "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
          "--profile", str(REPO / "profiles" / "slurm"),
-         "--set-resources", "attribute_shard:mem_mb=1500", "detect_dkn:mem_mb=1500"],
+         "--set-resources", "attribute_shard:mem_mb=1500", "detect_dkn:mem_mb=1500",
+         "edit_likn:mem_mb=1500"],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (workdir / "results" / "reports" / "fact_check.md").exists()
     jobs = (slurm_cluster / "log" / "jobcomp.txt").read_text().splitlines()
-    # train_toy_model 2 + attribute_shard 8 + detect_dkn 4 went through sbatch; light rules ran locally
-    assert len(jobs) == 14 and all("JobState=COMPLETED" in job for job in jobs)
+    # train_toy_model 2 + attribute_shard 8 + detect_dkn 4 + edit_likn 2 went through sbatch;
+    # light rules ran locally
+    assert len(jobs) == 16 and all("JobState=COMPLETED" in job for job in jobs)
     logs = list((workdir / "logs" / "attribution").rglob("*.log"))
     assert logs and all("assigned by SLURM, CUDA_VISIBLE_DEVICES=" in log.read_text() for log in logs)
