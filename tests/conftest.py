@@ -107,14 +107,21 @@ def build(kind: str, seed: int = 0, **overrides) -> LanguageModel:
                    attn_pdrop=0.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         cfg.update(overrides)
         model, arch = GPT2LMHeadModel(GPT2Config(**cfg)), "causal"
-    elif kind == "llama":
+    elif kind in ("llama", "mistral", "qwen2"):
+        from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config,
+                                  Qwen2ForCausalLM)
+
+        classes = {"llama": (LlamaConfig, LlamaForCausalLM),
+                   "mistral": (MistralConfig, MistralForCausalLM),
+                   "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+        config_cls, model_cls = classes[kind]
         tok = make_bpe_tokenizer()
         cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
                    max_position_embeddings=64, initializer_range=0.2,
                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         cfg.update(overrides)
-        model, arch = LlamaForCausalLM(LlamaConfig(**cfg)), "causal"
+        model, arch = model_cls(config_cls(**cfg)), "causal"
     elif kind == "gpt_neox":
         tok = make_bpe_tokenizer()
         cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,

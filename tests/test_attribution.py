@@ -437,3 +437,17 @@ def test_one_position_paths_with_eager_attention(kind):
     slow = attribute(without_head(lm), qs, method="amig", steps=3)
     for f, s in zip(fast, slow):
         np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_fast_path_equals_fallback_for_the_other_registered_causal_models(kind):
+    from conftest import build
+
+    lm = build(kind)
+    qs = [encode_query(lm, EN, "Tanzania", "Dodoma"),
+          encode_query(lm, "[X] is located in [Y] .", "Kilimanjaro", "Tanzania")]
+    fast = attribute(lm, qs, method="amig", steps=3)
+    slow = attribute(without_head(lm), qs, method="amig", steps=3)
+    for f, s in zip(fast, slow):
+        assert np.abs(f.scores).max() > 0
+        np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())
