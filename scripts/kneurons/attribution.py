@@ -15,6 +15,12 @@ Engine design (all steps of a layer, several layers and several queries in one p
    are never recomputed. The LM head runs only at the object positions; one backward gives
    every row's gradient. Architectures without a registered ``head`` use a slower fallback:
    the full model on the repeated inputs, with one hook per patched layer.
+4. One-position blocks (exact, for sdpa and eager attention): a causal LM runs every block of
+   a row on the object position alone, attending to the cached keys/values of the earlier
+   positions (a patch at position p changes no earlier position); a masked LM runs the
+   patched block (only position p changes in it) and the last block (only position p is
+   read) on the object position alone. Keys/values reach the model's own attention through a
+   stand-in for its KV cache (``_PrefixCache``), the visible positions through the mask.
 
 Rows of different queries share a batch only within a padding group; attention masks keep a
 query's scores independent of its batch companions (up to float noise).
