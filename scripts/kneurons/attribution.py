@@ -241,34 +241,45 @@ def _patcher(rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor):
     return fn
 
 
+def _no_extras(call: dict) -> dict:
+    """A block call's keyword arguments without cache writes or attention-weight outputs."""
+    for k in ("use_cache", "output_attentions"):
+        if k in call:
+            call[k] = False
+    return call
+
+
+def _full_block(lm: LanguageModel, grp: _Group, j: int, h: torch.Tensor, rows: torch.Tensor,
+                patch: tuple | None = None) -> torch.Tensor:
+    """Block ``j`` on every position of ``h`` [n, S, hidden], its other arguments those of the
+    captured call at capture rows ``rows``; ``patch`` = (batch rows, positions, x [m, d_ff],
+    site) replaces the FFN activation there. Returns [n, S, hidden]."""
+    block = lm.blocks()[j]
+    args, kwargs = grp.blocks[j]
+    n_cap = grp.ids.shape[0]
+    call = _no_extras({k: _index_batch(v, rows, n_cap)
+                       for k, v in _as_kwargs(block, args, kwargs).items()})
+    ctx = contextlib.nullcontext() if patch is None else ffn_hooks(
+        lm, {j: _patcher(*patch[:3])}, patch[3])
+    with ctx:
+        out = block(h, **call)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _run_fast(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.Tensor,
               r_layer: np.ndarray, x: torch.Tensor, site: str) -> torch.Tensor:
     """Hidden states [R, hidden] after the last block at each row's position; rows sorted by
     layer; row r patched at block r_layer[r] with x[r]."""
-    blocks = lm.blocks()
-    n_cap = grp.ids.shape[0]
     h = None  # [active rows, S, hidden]
     for j in range(int(r_layer[0]), lm.n_layers):
         start, stop = np.searchsorted(r_layer, [j, j + 1])
-        args, kwargs = grp.blocks[j]
+        patch = None
         if stop > start:
-            new = args[0].index_select(0, r_q[start:stop])  # [n_new, S, hidden]
+            new = grp.blocks[j][0][0].index_select(0, r_q[start:stop])  # [n_new, S, hidden]
             h = new if h is None else torch.cat([h, new], dim=0)
-        rows = r_q[: h.shape[0]]
-        call_args = (h, *_index_batch(args[1:], rows, n_cap))
-        call_kwargs = {k: _index_batch(v, rows, n_cap) for k, v in kwargs.items()}
-        for k in ("use_cache", "output_attentions"):
-            if k in call_kwargs:
-                call_kwargs[k] = False
-        if stop > start:
-            idx = torch.arange(start, stop, device=lm.device)
-            ctx = ffn_hooks(lm, {j: _patcher(idx, r_pos[start:stop], x[start:stop])}, site)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx:
-            h = blocks[j](*call_args, **call_kwargs)
-        if isinstance(h, tuple):
-            h = h[0]
+            patch = (torch.arange(start, stop, device=lm.device), r_pos[start:stop],
+                     x[start:stop], site)
+        h = _full_block(lm, grp, j, h, r_q[: h.shape[0]], patch)
     return h[torch.arange(h.shape[0], device=h.device), r_pos]  # [R, hidden]
 
 
@@ -335,9 +346,7 @@ def _one_position(lm: LanguageModel, grp: _Group, j: int, h1: torch.Tensor,
             for k, v in _as_kwargs(block, args, kwargs).items()}
     call.update({grp.cache_arg: _PrefixCache(keys, values), "attention_mask": mask})
     call.pop("cache_position", None)
-    for k in ("use_cache", "output_attentions"):
-        if k in call:
-            call[k] = False
+    _no_extras(call)
     ctx = contextlib.nullcontext() if patch_rows is None else ffn_hooks(
         lm, {j: _patcher(patch_rows, torch.zeros_like(patch_rows), x)}, site)
     with ctx:
@@ -387,19 +396,12 @@ def _run_masked(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.
     h = None  # [active rows, S, hidden]: rows that passed their patched block
     for j in range(int(r_layer[0]), lm.n_layers):
         start, stop = np.searchsorted(r_layer, [j, j + 1])
-        args, kwargs = grp.blocks[j]
         outs = []
         if h is not None:
             n = h.shape[0]
             rows = r_q[:n]
             if j < last:
-                call = {k: _index_batch(v, rows, grp.ids.shape[0])
-                        for k, v in _as_kwargs(lm.blocks()[j], args, kwargs).items()}
-                for k in ("use_cache", "output_attentions"):
-                    if k in call:
-                        call[k] = False
-                h = lm.blocks()[j](h, **call)
-                h = h[0] if isinstance(h, tuple) else h
+                h = _full_block(lm, grp, j, h, rows)
             else:
                 keys, values = lm.spec.kv(lm.blocks()[j], h)  # [n, H, S, d]
                 pos = r_pos[:n]
@@ -410,7 +412,7 @@ def _run_masked(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torch.
         if stop > start:
             rows, pos = r_q[start:stop], r_pos[start:stop]
             keys, values = grp.kv[j]
-            h1 = args[0][rows, pos].unsqueeze(1)  # [m, 1, hidden]
+            h1 = grp.blocks[j][0][0][rows, pos].unsqueeze(1)  # [m, 1, hidden]
             o = _one_position(lm, grp, j, h1, rows, pos, keys.index_select(0, rows),
                               values.index_select(0, rows),
                               torch.cat([real[rows], no_self[: stop - start]], dim=1),
