@@ -9,7 +9,7 @@ BENCH_DEPS := benchmarks/.deps/.installed
 CORES ?= all
 PYTEST_ARGS ?=
 
-.PHONY: run test setup dry-run lint report clean bench bench-deps
+.PHONY: run test test-fast setup dry-run lint report docs docs-results clean bench bench-deps
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
@@ -17,7 +17,19 @@ run: $(STAMP)
 test: $(STAMP) $(BENCH_DEPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# the tests not marked slow: the edit-test loop (a few minutes)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
 setup: $(STAMP)
+
+# docs generated from the sources: the configuration reference (from the schema)
+docs: $(STAMP)
+	$(BIN)/python -m kneurons.docs configuration workflow/schemas/config.schema.yaml docs/configuration.md
+
+# publish the last finished run's summary page and figures as docs/results/<name>/
+docs-results: $(STAMP)
+	$(BIN)/python -m kneurons.docs results results docs/results
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n --cores $(CORES) --configfile config.yaml

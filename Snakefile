@@ -5,10 +5,18 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# No configfile here: profiles/default passes config.yaml, and a --configfile on the command
+# line takes its place (see the profile).
+if not config:
+    raise ValueError(
+        "no configuration: run with the default profile (it passes config.yaml) or --configfile"
+    )
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -19,6 +27,7 @@ include: "workflow/rules/neurons.smk"
 include: "workflow/rules/factcheck.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/likn.smk"
+include: "workflow/rules/summary.smk"
 
 
 rule all:

@@ -164,6 +164,7 @@ def likn_outputs():
 
 def final_outputs():
     return [
+        "results/reports/summary.md",
         "results/reports/fact_check.csv",
         "results/reports/fact_check.md",
         *expand_pairs("results/neurons/{model}/{lang}/neuron_stats.csv"),
