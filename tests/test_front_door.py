@@ -117,3 +117,11 @@ def test_ci_runs_the_readme_test_command():
 
 def test_snakefile_declares_the_report():
     assert 'report: "workflow/report/workflow.rst"' in (REPO / "Snakefile").read_text()
+
+
+def test_toy_stage_version_follows_the_library():
+    from kneurons.toy import TOY_VERSION
+
+    common = (REPO / "workflow/rules/common.smk").read_text()
+    match = re.search(r'^\s+"toy": (\d+),', common, re.M)
+    assert match and int(match.group(1)) == TOY_VERSION
