@@ -10,6 +10,11 @@ multi-token object is the mean of its per-token probabilities (as everywhere in 
 A relation's DKN set: count, over the relation's discovery queries, how many have each neuron
 in at least one DKN pair; the set is the neurons whose count exceeds ``relation_threshold``
 times the largest count.
+
+**No leakage into λ.** The calibration slice (:func:`kneurons.facts.mark_calibration`) is part
+of the discovery split, but fact checking tunes its threshold λ on it, so its facts take no part
+in DKN detection (:func:`detect_dkn_records` skips them) nor in aggregation
+(:func:`aggregate_relations` drops their rows): the DKN sets do not depend on them.
 """
 
 from __future__ import annotations
@@ -136,16 +141,21 @@ def detect_dkn_records(
 ) -> pd.DataFrame:
     """DKN of every true-object record of a discovery attribution shard.
 
-    ``facts`` gives each uuid's template and subject (to rebuild the query). Returns one row
-    per query: uuid, relation, kn_layers, kn_neurons, base_prob, single_probs, tested_pairs,
+    ``facts`` gives each uuid's template and subject (to rebuild the query) and, in its
+    ``calibration`` column (absent: none), the calibration slice, whose facts are skipped (see
+    the module docstring). Returns one row per other query: uuid, relation, kn_layers, kn_neurons, base_prob, single_probs, tested_pairs,
     pair_layers, pair_neurons ([a, b] per degenerate pair), pair_probs, dkn_layers,
     dkn_neurons. Rows are checkpointed every ``every`` queries.
     """
+    facts = facts.assign(calibration=facts.get(
+        "calibration", pd.Series(False, index=facts.index)).fillna(False).astype(bool))
     true = records[records["candidate"] == "true"].merge(
-        facts[["uuid", "template", "sub_label"]], on="uuid", how="left", validate="one_to_one")
+        facts[["uuid", "template", "sub_label", "calibration"]], on="uuid", how="left",
+        validate="one_to_one")
     if true["template"].isna().any():
         missing = true.loc[true["template"].isna(), "uuid"].tolist()[:5]
         raise ValueError(f"attribution records without a fact: {missing}")
+    true = true[~true["calibration"].astype(bool)].reset_index(drop=True)
     done = checkpoint.load() if checkpoint is not None else None
     rows: list[dict] = []
     chunks = [done] if done is not None else []
@@ -183,16 +193,19 @@ def detect_dkn_records(
     return pd.concat(chunks, ignore_index=True)
 
 
-def aggregate_relations(query_dkn: pd.DataFrame, relation_threshold: float
+def aggregate_relations(query_dkn: pd.DataFrame, relation_threshold: float,
+                        calibration: Iterable[str] = ()
                         ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Per relation: the DKN set (see ``relation_dkn``) and statistics.
 
-    ``query_dkn``: rows of ``detect_dkn_records``. Returns the JSON-able
+    ``query_dkn``: rows of ``detect_dkn_records``; rows of the uuids in ``calibration`` (the
+    calibration slice) are dropped first. Returns the JSON-able
     ``{"relation_threshold", "relations": {rel: {"dkn": [[layer, neuron], ...],
     "counts": [...], "n_queries", "queries_with_dkn"}}}``; a statistics table with one row per
     relation (n_queries, mean_kn, mean_pairs, queries_with_dkn, n_dkn, mean_base_prob); and the
     layer distribution of the DKN sets (relation, layer, n_dkn).
     """
+    query_dkn = query_dkn[~query_dkn["uuid"].isin(set(calibration))]
     relations: dict = {}
     stats, layers = [], []
     for relation, group in query_dkn.groupby("relation", sort=True):

@@ -32,10 +32,11 @@ rule detect_dkn:
 
 rule aggregate_dkn:
     input:
-        lambda wildcards: expand(
+        dkn=lambda wildcards: expand(
             "results/neurons/{{model}}/{{lang}}/dkn/shard-{shard}.parquet",
             shard=SHARDS,
         ),
+        facts="results/data/facts/{lang}/discovery.parquet",
     output:
         dkn="results/neurons/{model}/{lang}/dkn_by_relation.json",
         stats="results/neurons/{model}/{lang}/neuron_stats.csv",
