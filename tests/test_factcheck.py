@@ -11,15 +11,15 @@ import pytest
 from kneurons.factcheck import (candidate_thresholds, choose_threshold, dkn_by_relation,
                                 dkn_scores, f1_curve, fact_check_metrics,
                                 per_relation_metrics)
-from kneurons.records import score_matrix
+from kneurons.records import SCORE_DTYPE, score_matrix
 
 N_LAYERS, D_FF = 2, 4
 DKN = {"P36": [(0, 1), (1, 2), (0, 1)], "P19": []}  # (0, 1) twice: a set, counted once
 
 
 def matrix(a: float, b: float) -> bytes:
-    """float16 [2, 4] with a at (0, 1), b at (1, 2) and 100 elsewhere (wrong cells show)."""
-    m = np.full((N_LAYERS, D_FF), 100.0, dtype=np.float16)
+    """float32 [2, 4] with a at (0, 1), b at (1, 2) and 100 elsewhere (wrong cells show)."""
+    m = np.full((N_LAYERS, D_FF), 100.0, dtype=SCORE_DTYPE)
     m[0, 1], m[1, 2] = a, b
     return m.tobytes()
 
@@ -79,7 +79,7 @@ def test_dkn_scores_rejects_bad_input(records):
         dkn_scores(records, {"P36": [(2, 0)]}, N_LAYERS, D_FF)
     with pytest.raises(ValueError, match="exactly one true and one wrong"):
         dkn_scores(records.drop(index=0), DKN, N_LAYERS, D_FF)
-    with pytest.raises(ValueError, match=r"has 16 bytes of scores; expected 12 bytes"):
+    with pytest.raises(ValueError, match=r"has 32 bytes of scores; expected 24 bytes"):
         dkn_scores(records, DKN, N_LAYERS, 3)
     bad = records.copy()
     bad.loc[2, "scores"] = None

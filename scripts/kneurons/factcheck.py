@@ -13,7 +13,7 @@ when the mean attribution score of its relation's DKN exceeds a threshold λ::
     judged correct  <=>  dkn_score(c) > λ          (strictly greater)
 
 ``score_c`` is the candidate's [n_layers, d_ff] attribution matrix stored in its shard
-(float16, probability units; see :mod:`kneurons.shards`), ``DKN(relation)`` the set of
+(float32, probability units; see :mod:`kneurons.records`), ``DKN(relation)`` the set of
 distinct (layer, neuron) pairs of the relation's degenerate knowledge neurons (duplicates in
 the input list count once). A relation with no DKN has ``dkn_score = NaN``; its statements
 are judged *not* correct by with_DKN and stay in every denominator (its true candidates are
@@ -54,6 +54,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
+from .records import SCORE_DTYPE
 
 METHODS = ("wo_DKN", "with_DKN")
 """Fact-checking methods, in table order (the baseline first)."""
@@ -106,14 +108,14 @@ def dkn_scores(records: pd.DataFrame, dkn: Mapping[str, Sequence[tuple[int, int]
 
     Returns one row per checked candidate, sorted by relation, uuid and candidate, with
     columns ``uuid, relation, candidate, label`` (1 = true object: the statement is correct,
-    0 = wrong object), ``dkn_score`` (float64, mean float16 attribution over the relation's
+    0 = wrong object), ``dkn_score`` (float64, mean float32 attribution over the relation's
     distinct DKN neurons, NaN without DKN), ``prob`` (the model's mean per-token probability
     of the candidate), ``predicted`` (the model's prediction equals the candidate) and
     ``has_dkn``.
     """
     checked = records.loc[records["checked"].astype(bool)]
     _check_pairs(checked)
-    n_bytes = n_layers * d_ff * np.dtype(np.float16).itemsize
+    n_bytes = n_layers * d_ff * SCORE_DTYPE.itemsize
     dkn_score = np.full(len(checked), np.nan, dtype=np.float64)
     has_dkn = np.zeros(len(checked), dtype=bool)
     relations = checked["relation"].to_numpy()
@@ -130,9 +132,9 @@ def dkn_scores(records: pd.DataFrame, dkn: Mapping[str, Sequence[tuple[int, int]
                 size = "no" if blob is None else f"{len(blob)} bytes of"
                 raise ValueError(
                     f"checked record {checked['uuid'].iat[row]}/{checked['candidate'].iat[row]} "
-                    f"has {size} scores; expected {n_bytes} bytes (float16 [{n_layers}, {d_ff}])")
-            # Same layout as shards.score_matrix; only the DKN entries are decoded.
-            matrix = np.frombuffer(blob, dtype=np.float16)  # [n_layers * d_ff], row-major
+                    f"has {size} scores; expected {n_bytes} bytes (float32 [{n_layers}, {d_ff}])")
+            # Same layout as records.score_matrix; only the DKN entries are decoded.
+            matrix = np.frombuffer(blob, dtype=SCORE_DTYPE)  # [n_layers * d_ff], row-major
             dkn_score[row] = matrix[flat].astype(np.float64).mean()
     out = pd.DataFrame({
         "uuid": checked["uuid"].to_numpy(),

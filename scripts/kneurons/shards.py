@@ -21,7 +21,7 @@ from .attribution import attribute
 from .checkpoint import Checkpoint
 from .models import LanguageModel
 from .queries import encode_query
-from .records import top_neurons, write_shard
+from .records import SCORE_DTYPE, top_neurons, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _records(rows: pd.DataFrame, queries: Sequence, results: Sequence, keep_top:
     out["top_neurons"] = [top[1].tolist() for top in tops]
     out["top_scores"] = [top[2].tolist() for top in tops]
     out["scores"] = [
-        result.scores.astype(np.float16).tobytes() if checked else None
+        result.scores.astype(SCORE_DTYPE).tobytes() if checked else None
         for result, checked in zip(results, out["checked"])
     ]
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 VERSIONS = {
     "data": 1,
     "toy": 2,  # = kneurons.toy.TOY_VERSION
-    "attribution": 1,
+    "attribution": 2,  # 2: scores stored as float32
     "dkn": 1,
     "factcheck": 1,
     "likn": 2,
