@@ -140,3 +140,24 @@ def test_calibration_facts_do_not_shape_the_dkn(tiny_bert):
     clean = aggregate_relations(first, 0.5)[0]
     assert aggregate_relations(leaked, 0.5, calibration=["c1"])[0] == clean
     assert aggregate_relations(leaked, 0.5)[0] != clean
+
+
+def test_pair_count_counts_pair_memberships():
+    """The authors' count (one per pair membership) against ours (one per query)."""
+    rows = pd.DataFrame({
+        "uuid": ["a", "b"], "relation": ["P1", "P1"],
+        "kn_layers": [[0, 0, 0], [0, 0]], "kn_neurons": [[1, 2, 3], [2, 3]],
+        "base_prob": [0.5, 0.5],
+        # query a: (0,1) is in two pairs; query b: one pair (0,2)-(0,3)
+        "pair_layers": [[[0, 0], [0, 0]], [[0, 0]]], "pair_neurons": [[[1, 2], [1, 3]], [[2, 3]]],
+        "dkn_layers": [[0, 0, 0], [0, 0]], "dkn_neurons": [[1, 2, 3], [2, 3]]})
+    by_query, _, _ = aggregate_relations(rows, 0.7)
+    by_pair, _, _ = aggregate_relations(rows, 0.7, count="pair")
+    # query counts: (0,1) 1, (0,2) 2, (0,3) 2 -> > 1.4 keeps (0,2), (0,3)
+    assert by_query["relations"]["P1"]["dkn"] == [[0, 2], [0, 3]]
+    assert by_query["count"] == "query" and by_pair["count"] == "pair"
+    # pair counts: (0,1) 2, (0,2) 2, (0,3) 2 -> all three
+    assert by_pair["relations"]["P1"]["dkn"] == [[0, 1], [0, 2], [0, 3]]
+    assert by_pair["relations"]["P1"]["counts"] == [2, 2, 2]
+    with pytest.raises(ValueError, match="unknown DKN count"):
+        aggregate_relations(rows, 0.7, count="member")

@@ -35,7 +35,9 @@ def shard_of(facts: pd.DataFrame, shard: int, n_shards: int) -> pd.DataFrame:
 
 def attributable(lm: LanguageModel, facts: pd.DataFrame, method: str) -> pd.Series:
     """Which facts ``method`` can attribute: AMIG needs at least one query token to replace,
-    which a causal model lacks when the template starts with ``[Y]`` (e.g. P1923)."""
+    which a causal model lacks when the template starts with ``[Y]`` (e.g. P1923). The others
+    get no records, so fact checking scores both methods without them and counts them
+    (:func:`kneurons.factcheck.dropped_facts`)."""
     if method != "amig" or lm.arch != "causal":
         return pd.Series(True, index=facts.index)
     return ~facts["template"].str.lstrip().str.startswith("[Y]")

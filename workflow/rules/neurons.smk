@@ -21,7 +21,7 @@ rule detect_dkn:
         runtime=120,
     params:
         model=model_params,
-        kn_threshold=config["neurons"]["kn_threshold"],
+        kn_threshold=kn_threshold_of,
         max_kn=config["neurons"]["max_kn"],
         single_drop=config["neurons"]["dkn_single_drop"],
         pair_drop=config["neurons"]["dkn_pair_drop"],
@@ -48,6 +48,7 @@ rule aggregate_dkn:
         "../../envs/torch.yaml"
     params:
         relation_threshold=config["neurons"]["relation_threshold"],
+        dkn_count=config["neurons"]["dkn_count"],
         version=VERSIONS["dkn"],
     script:
         "../../scripts/aggregate_dkn.py"
