@@ -70,12 +70,12 @@ def test_fact_check_table_populations_and_settings():
         ("dkn_relations", "wo_DKN", ""), ("dkn_relations", "with_DKN", "auto"),
         ("dkn_relations", "with_DKN", "1e-06")]
     text = fact_check_markdown(table)
-    assert "| mLAMA-en | bert | all | with DKN | 1e-06 (1e-06) | 65.43 | 75.00 | 70.00 | " \
+    assert "| mLAMA-en | bert | all | with DKN | 1e-06 | 20 | 65.43 | 75.00 | 70.00 | " \
            "+40.00 | 2 |" in text
     # ΔF1 against the same population's baseline: (0.75 - 0.45) / 0.45
-    assert "| mLAMA-en | bert | with DKN | with DKN | 1e-06 (1e-06) | 65.43 | 75.00 | 75.00 | " \
+    assert "| mLAMA-en | bert | DKN only | with DKN | 1e-06 | 20 | 65.43 | 75.00 | 75.00 | " \
            "+66.67 | 2 |" in text
-    assert "| mLAMA-en | bert | with DKN | wo DKN |  | 12.35 | 50.00 | 45.00 |  |  |" in text
+    assert "| mLAMA-en | bert | DKN only | wo DKN |  | 20 | 12.35 | 50.00 | 45.00 |  |  |" in text
     assert "λ auto = 0.125; 1e-06 = 1e-06" in text
     assert "1e-06 is the authors' λ" in text and "calibration slice" in text
 
@@ -83,17 +83,18 @@ def test_fact_check_table_populations_and_settings():
 def test_fact_check_markdown_values(table):
     text = fact_check_markdown(table)
     lines = text.splitlines()
-    assert lines[0] == "| Dataset | Model | Relations | Method | λ | P | R | F1 | ΔF1 | Abstained |"
+    assert lines[0] == ("| Dataset | Model | Relations | Method | λ | n | P | R | F1 | ΔF1 | "
+                        "Abstained |")
     rows = [line for line in lines if line.startswith("| mLAMA-")]
     assert rows == [
-        "| mLAMA-en | bert | all | wo DKN |  | 12.35 | 50.00 | 50.00 |  |  |",
+        "| mLAMA-en | bert | all | wo DKN |  | 20 | 12.35 | 50.00 | 50.00 |  |  |",
         # (0.6 - 0.5) / 0.5 = +20 %
-        "| mLAMA-en | bert | all | with DKN | auto (0.125) | 65.43 | 75.00 | 60.00 | +20.00 | 2 |",
-        "| mLAMA-en | gpt2 | all | wo DKN |  | 12.35 | 50.00 | 80.00 |  |  |",
+        "| mLAMA-en | bert | all | with DKN | auto = 0.125 | 20 | 65.43 | 75.00 | 60.00 | +20.00 | 2 |",
+        "| mLAMA-en | gpt2 | all | wo DKN |  | 20 | 12.35 | 50.00 | 80.00 |  |  |",
         # (0.6 - 0.8) / 0.8 = -25 %
-        "| mLAMA-en | gpt2 | all | with DKN | auto (2.5) | 65.43 | 75.00 | 60.00 | -25.00 | 2 |",
-        "| mLAMA-zh | bert | all | wo DKN |  | 12.35 | 50.00 | 40.00 |  |  |",
-        "| mLAMA-zh | bert | all | with DKN | auto (0.125) | 65.43 | 75.00 | 50.00 | +25.00 | 2 |",
+        "| mLAMA-en | gpt2 | all | with DKN | auto = 2.5 | 20 | 65.43 | 75.00 | 60.00 | -25.00 | 2 |",
+        "| mLAMA-zh | bert | all | wo DKN |  | 20 | 12.35 | 50.00 | 40.00 |  |  |",
+        "| mLAMA-zh | bert | all | with DKN | auto = 0.125 | 20 | 65.43 | 75.00 | 50.00 | +25.00 | 2 |",
     ]
     assert "calibration slice of the discovery part" in text
     assert "- gpt2 / mLAMA-en: λ auto = 2.5; 10 true / 10 wrong candidates; " \
@@ -102,11 +103,19 @@ def test_fact_check_markdown_values(table):
            "starting with [Y]): 3" in text
     assert "- bert / mLAMA-zh: λ auto = 0.125" in text
     assert "our R and P" in text
+    # an empty population (no relation with DKN) has no rates
+    empty = run("en", "bert", 0.0, 0.0, population="dkn_relations")
+    for method in ("wo_DKN", "with_DKN"):
+        empty["metrics"][method].update(n_true=0, n_wrong=0)
+    text = fact_check_markdown(fact_check_table([empty]))
+    assert "| mLAMA-en | bert | DKN only | wo DKN |  | 0 | n/a | n/a | n/a |  |  |" in text
+    assert "| mLAMA-en | bert | DKN only | with DKN | auto = 0.125 | 0 | n/a | n/a | n/a |  | 2 |" \
+        in text
 
 
 def test_fact_check_markdown_config_threshold_and_zero_baseline():
     text = fact_check_markdown(fact_check_table([run("en", "bert", 0.0, 0.5, source="config")]))
-    assert "| mLAMA-en | bert | all | with DKN | 0.125 (0.125) | 65.43 | 75.00 | 50.00 | n/a | 2 |" \
+    assert "| mLAMA-en | bert | all | with DKN | 0.125 | 20 | 65.43 | 75.00 | 50.00 | n/a | 2 |" \
         in text
     assert "fixed in the config (factcheck.thresholds" in text
     assert "calibration slice" not in text

@@ -38,7 +38,7 @@ FACT_CHECK_EXTRA_COLUMNS = ["precision_wrong", "recall_wrong", "f1_wrong", "auro
 THRESHOLD_SOURCES = ("auto", "config")
 METHOD_LABELS = {"wo_DKN": "wo DKN", "with_DKN": "with DKN"}
 """How the methods are named in the Markdown table (the paper's "wo DKN" / "with DKN")."""
-POPULATION_LABELS = {"all_relations": "all", "dkn_relations": "with DKN"}
+POPULATION_LABELS = {"all_relations": "all", "dkn_relations": "DKN only"}
 """How the populations (:data:`kneurons.factcheck.POPULATIONS`) are named in the Markdown."""
 
 
@@ -108,18 +108,19 @@ def _lambda(value) -> str:
 
 
 def fact_check_markdown(table: pd.DataFrame) -> str:
-    """Table 3 as Markdown: Dataset, Model, Relations, Method, λ, P, R, F1 (%), ΔF1 (%),
+    """Table 3 as Markdown: Dataset, Model, Relations, Method, λ, n, P, R, F1 (%), ΔF1 (%),
     Abstained, then notes.
 
-    ΔF1 is on the with_DKN rows (relative to the same model, language and population's wo_DKN
-    F1; "n/a" when the baseline's F1 is 0). Abstained: candidates with_DKN judged not correct
-    for want of DKN. The notes say how each λ was chosen and give the candidate, DKN-less
+    n: candidates of the population (P, R and F1 are "n/a" when it is empty). ΔF1 is on the
+    with_DKN rows (relative to the same model, language and population's wo_DKN F1; "n/a" when
+    the baseline's F1 is 0). Abstained: candidates with_DKN judged not correct for want of
+    DKN. The notes say how each λ was chosen and give the candidate, DKN-less
     relation and dropped-fact counts per (model, language).
     """
-    header = ["Dataset", "Model", "Relations", "Method", "λ", "P", "R", "F1", "ΔF1",
+    header = ["Dataset", "Model", "Relations", "Method", "λ", "n", "P", "R", "F1", "ΔF1",
               "Abstained"]
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] * 4 + ["---:"] * 6) + "|"]
+             "|" + "|".join(["---"] * 4 + ["---:"] * 7) + "|"]
     notes = []
     sources = set()
     for (language, model), run in table.groupby(["language", "model"], sort=False):
@@ -128,12 +129,16 @@ def fact_check_markdown(table: pd.DataFrame) -> str:
             wo_f1 = wo.iloc[0] if len(wo) else None
             for row in group.itertuples(index=False):
                 with_dkn = row.method == "with_DKN"
+                n = int(row.n_true or 0) + int(row.n_wrong or 0)
+                rates = ([_percent(row.precision), _percent(row.recall), _percent(row.f1)]
+                         if n else ["n/a"] * 3)
+                lam = "n/a" if pd.isna(row.threshold) else f"{float(row.threshold):.6g}"
                 cells = [f"mLAMA-{language}", str(model),
                          POPULATION_LABELS.get(population, population),
                          METHOD_LABELS.get(row.method, row.method),
-                         f"{row.setting} ({_lambda(row.threshold)})" if with_dkn else "",
-                         _percent(row.precision), _percent(row.recall), _percent(row.f1),
-                         _delta_f1(row.f1, wo_f1) if with_dkn else "",
+                         (row.setting if row.setting == lam else f"{row.setting} = {lam}")
+                         if with_dkn else "", str(n), *rates,
+                         _delta_f1(row.f1, wo_f1) if with_dkn and n else "",
                          _count(row._asdict(), "n_abstained") if with_dkn else ""]
                 lines.append("| " + " | ".join(cells) + " |")
         with_rows = run[run["method"] == "with_DKN"]
@@ -150,7 +155,7 @@ def fact_check_markdown(table: pd.DataFrame) -> str:
             f"with DKN abstains); facts left out for both methods (no attribution records, "
             f"e.g. causal templates starting with [Y]): {_count(first, 'n_facts_dropped')}")
     if table.empty:
-        lines.append("| (no data) | | | | | | | | | |")
+        lines.append("| (no data) | | | | | | | | | | |")
     how = {
         "auto": "auto: chosen to maximise the with-DKN F1 on the calibration slice of the "
                 "discovery part (never on the evaluation part; the DKN are found without that "
@@ -165,8 +170,8 @@ def fact_check_markdown(table: pd.DataFrame) -> str:
         "with DKN: correct when the mean attribution of the relation's DKN exceeds λ. "
         "ΔF1: relative change of F1 with DKN over wo DKN, in % of the wo-DKN F1. Relations: "
         "all (with DKN abstains on relations without DKN: judged not correct, counted under "
-        "Abstained) or with DKN (only relations with DKN, for both methods: the authors' "
-        "population). The paper's P and R columns correspond to our R and P (the authors' "
+        "Abstained) or DKN only (only relations with DKN, for both methods: the authors' "
+        "population; n/a when no relation has DKN). n: candidates. The paper's P and R columns correspond to our R and P (the authors' "
         "cal_hallucination.py swaps them; see docs/differences.md).",
         "",
         f"λ settings: {explanation or 'none (no rows)'}.",
