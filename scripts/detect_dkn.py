@@ -20,7 +20,8 @@ lm = load_model(params.model["source"], params.model["arch"], revision=params.mo
 records, _ = read_shard(snakemake.input.attribution)
 options = {key: params[key] for key in ("kn_threshold", "max_kn", "single_drop", "pair_drop")}
 checkpoint = Checkpoint(Path(snakemake.output[0] + ".checkpoint"),
-                        repr(sorted({**options, "model": params.model, "n": len(records)}.items())))
+                        repr(sorted({**options, "model": params.model, "n": len(records),
+                                     "version": params.version}.items())))
 found = detect_dkn_records(lm, pd.read_parquet(snakemake.input.facts), records, **options,
                            checkpoint=checkpoint, progress=progress)
 write_parquet(found, snakemake.output[0])

@@ -2,6 +2,8 @@
 import json
 import logging
 
+import pandas as pd
+
 from kneurons.factcheck import check_facts, dkn_by_relation
 from kneurons.io import atomic_path, write_json, write_parquet
 from kneurons.logs import configure
@@ -12,9 +14,10 @@ evaluation, meta = read_shards(snakemake.input.evaluation)
 discovery, _ = read_shards(snakemake.input.discovery)
 dkn = dkn_by_relation(json.loads(open(snakemake.input.dkn, encoding="utf-8").read()))
 result = check_facts(evaluation, discovery, dkn, meta["n_layers"], meta["d_ff"],
-                     snakemake.params.threshold)
-logging.info("λ = %s (%s): %s", result["threshold"], result["threshold_source"], result["metrics"])
-write_json({key: result[key] for key in ("threshold", "threshold_source", "metrics")},
+                     snakemake.params.thresholds, pd.read_parquet(snakemake.input.facts))
+logging.info("settings %s, dropped %s: %s", result["settings"], result["dropped"],
+             result["metrics"])
+write_json({key: result[key] for key in ("settings", "dropped", "metrics")},
            snakemake.output.metrics)
 write_parquet(result["scores"], snakemake.output.scores)
 write_parquet(result["calibration_scores"], snakemake.output.calibration)

@@ -110,3 +110,54 @@ def test_aggregate_relations_by_hand():
     assert p1["n_dkn"] == 2 and p1["mean_base_prob"] == pytest.approx(0.3)
     assert layers.to_dict("records") == [{"relation": "P1", "layer": 0, "n_dkn": 1},
                                          {"relation": "P1", "layer": 1, "n_dkn": 1}]
+
+
+def test_calibration_facts_do_not_shape_the_dkn(tiny_bert):
+    """The DKN sets are the same whatever the calibration facts' records say (no leakage of
+    the slice λ is tuned on into the DKN)."""
+    facts = pd.DataFrame({"uuid": ["u1", "u2", "c1"],
+                          "template": ["[X] lives in [Y] .", "[X] is in [Y] .", "[X] was in [Y] ."],
+                          "sub_label": ["Anna", "Bob", "Carl"], "calibration": [False, False, True]})
+
+    def records(calibration_neurons, calibration_object):
+        return pd.DataFrame({
+            "uuid": ["u1", "u2", "c1"], "relation": ["P1", "P1", "P1"],
+            "candidate": ["true", "true", "true"],
+            "obj_label": ["Paris", "London", calibration_object],
+            "top_layers": [[0, 1, 0], [0, 1], [1, 0, 1]],
+            "top_neurons": [[1, 2, 3], [1, 2], calibration_neurons],
+            "top_scores": [[1.0, 0.9, 0.8], [1.0, 0.9], [1.0, 0.9, 0.8]]})
+
+    options = dict(kn_threshold=0.2, max_kn=5, single_drop=1.0, pair_drop=0.0)
+    first = detect_dkn_records(tiny_bert, facts, records([5, 6, 7], "Rome"), **options)
+    second = detect_dkn_records(tiny_bert, facts, records([9, 1, 2], "Oslo"), **options)
+    assert first["uuid"].tolist() == ["u1", "u2"]  # the calibration fact is skipped
+    pd.testing.assert_frame_equal(first, second)
+    assert aggregate_relations(first, 0.5)[0] == aggregate_relations(second, 0.5)[0]
+    # aggregation drops calibration rows that reach it anyway (e.g. from old shards)
+    assert len(first.loc[0, "dkn_layers"]) > 0  # u1 has DKN, so a leaked copy would count
+    leaked = pd.concat([first, first.iloc[[0]].assign(uuid="c1")], ignore_index=True)
+    clean = aggregate_relations(first, 0.5)[0]
+    assert aggregate_relations(leaked, 0.5, calibration=["c1"])[0] == clean
+    assert aggregate_relations(leaked, 0.5)[0] != clean
+
+
+def test_pair_count_counts_pair_memberships():
+    """The authors' count (one per pair membership) against ours (one per query)."""
+    rows = pd.DataFrame({
+        "uuid": ["a", "b"], "relation": ["P1", "P1"],
+        "kn_layers": [[0, 0, 0], [0, 0]], "kn_neurons": [[1, 2, 3], [2, 3]],
+        "base_prob": [0.5, 0.5],
+        # query a: (0,1) is in two pairs; query b: one pair (0,2)-(0,3)
+        "pair_layers": [[[0, 0], [0, 0]], [[0, 0]]], "pair_neurons": [[[1, 2], [1, 3]], [[2, 3]]],
+        "dkn_layers": [[0, 0, 0], [0, 0]], "dkn_neurons": [[1, 2, 3], [2, 3]]})
+    by_query, _, _ = aggregate_relations(rows, 0.7)
+    by_pair, _, _ = aggregate_relations(rows, 0.7, count="pair")
+    # query counts: (0,1) 1, (0,2) 2, (0,3) 2 -> > 1.4 keeps (0,2), (0,3)
+    assert by_query["relations"]["P1"]["dkn"] == [[0, 2], [0, 3]]
+    assert by_query["count"] == "query" and by_pair["count"] == "pair"
+    # pair counts: (0,1) 2, (0,2) 2, (0,3) 2 -> all three
+    assert by_pair["relations"]["P1"]["dkn"] == [[0, 1], [0, 2], [0, 3]]
+    assert by_pair["relations"]["P1"]["counts"] == [2, 2, 2]
+    with pytest.raises(ValueError, match="unknown DKN count"):
+        aggregate_relations(rows, 0.7, count="member")

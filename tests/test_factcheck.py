@@ -11,15 +11,15 @@ import pytest
 from kneurons.factcheck import (candidate_thresholds, choose_threshold, dkn_by_relation,
                                 dkn_scores, f1_curve, fact_check_metrics,
                                 per_relation_metrics)
-from kneurons.records import score_matrix
+from kneurons.records import SCORE_DTYPE, score_matrix
 
 N_LAYERS, D_FF = 2, 4
 DKN = {"P36": [(0, 1), (1, 2), (0, 1)], "P19": []}  # (0, 1) twice: a set, counted once
 
 
 def matrix(a: float, b: float) -> bytes:
-    """float16 [2, 4] with a at (0, 1), b at (1, 2) and 100 elsewhere (wrong cells show)."""
-    m = np.full((N_LAYERS, D_FF), 100.0, dtype=np.float16)
+    """float32 [2, 4] with a at (0, 1), b at (1, 2) and 100 elsewhere (wrong cells show)."""
+    m = np.full((N_LAYERS, D_FF), 100.0, dtype=SCORE_DTYPE)
     m[0, 1], m[1, 2] = a, b
     return m.tobytes()
 
@@ -79,7 +79,7 @@ def test_dkn_scores_rejects_bad_input(records):
         dkn_scores(records, {"P36": [(2, 0)]}, N_LAYERS, D_FF)
     with pytest.raises(ValueError, match="exactly one true and one wrong"):
         dkn_scores(records.drop(index=0), DKN, N_LAYERS, D_FF)
-    with pytest.raises(ValueError, match=r"has 16 bytes of scores; expected 12 bytes"):
+    with pytest.raises(ValueError, match=r"has 32 bytes of scores; expected 24 bytes"):
         dkn_scores(records, DKN, N_LAYERS, 3)
     bad = records.copy()
     bad.loc[2, "scores"] = None
@@ -236,15 +236,73 @@ def test_check_facts_takes_lambda_from_the_calibration_slice_only(records):
     calibration = pd.DataFrame([record("c1", "P36", "true", matrix(1.0, 1.0)),
                                 record("c1", "P36", "wrong", matrix(0.0, 0.0)),
                                 record("c2", "P36", "true", None, checked=False)])
-    auto = check_facts(records, calibration, DKN, N_LAYERS, D_FF, "auto")
-    assert auto["threshold_source"] == "auto" and auto["threshold"] == pytest.approx(0.5)
-    assert auto["metrics"]["with_DKN"]["threshold"] == pytest.approx(0.5)
+    result = check_facts(records, calibration, DKN, N_LAYERS, D_FF, ["auto", 0.3])
+    assert result["settings"] == [
+        {"setting": "auto", "threshold": pytest.approx(0.5), "threshold_source": "auto"},
+        {"setting": "0.3", "threshold": 0.3, "threshold_source": "config"}]
+    rows = {(m["setting"], m["population"]): m["metrics"] for m in result["metrics"]}
+    assert sorted(rows) == [("0.3", "all_relations"), ("0.3", "dkn_relations"),
+                            ("auto", "all_relations"), ("auto", "dkn_relations")]
+    auto = rows[("auto", "all_relations")]
+    assert auto["with_DKN"]["threshold"] == pytest.approx(0.5)
     # evaluation P36 scores: true 0.375, wrong -0.25, true 1.5, wrong 0.5 -> only f2 true is > 0.5
-    assert auto["metrics"]["with_DKN"]["recall"] == pytest.approx(1 / 4)
-    assert len(auto["calibration_scores"]) == 2
-    fixed = check_facts(records, calibration, DKN, N_LAYERS, D_FF, 0.3)
-    assert fixed["threshold_source"] == "config" and fixed["threshold"] == 0.3
+    assert auto["with_DKN"]["recall"] == pytest.approx(1 / 4)
+    assert len(result["calibration_scores"]) == 2
     # at 0.3: f1 true 0.375, f2 true 1.5 and f2 wrong 0.5 are above -> recall 2/4
-    assert fixed["metrics"]["with_DKN"]["recall"] == pytest.approx(2 / 4)
-    assert set(fixed["per_relation"]["relation"]) == {"P19", "P36", "P37"}
-    assert fixed["f1_curve"]["threshold"].is_monotonic_increasing
+    assert rows[("0.3", "all_relations")]["with_DKN"]["recall"] == pytest.approx(2 / 4)
+    per_relation = result["per_relation"]
+    assert set(per_relation["relation"]) == {"P19", "P36", "P37"}
+    assert set(per_relation["setting"]) == {"auto", "0.3"}
+    assert result["f1_curve"]["threshold"].is_monotonic_increasing
+    # a single λ is one setting
+    fixed = check_facts(records, calibration, DKN, N_LAYERS, D_FF, 0.3)
+    assert [s["setting"] for s in fixed["settings"]] == ["0.3"]
+
+
+def test_both_populations_and_with_dkn_abstentions(records):
+    """All relations: with_DKN abstains on (judges not correct) the relations without DKN,
+    counted; relations with DKN only (the authors' population): those leave both methods."""
+    from kneurons.factcheck import check_facts
+
+    result = check_facts(records, records.iloc[:0], DKN, N_LAYERS, D_FF, [0.3])
+    rows = {m["population"]: m["metrics"] for m in result["metrics"]}
+    every, dkn_only = rows["all_relations"], rows["dkn_relations"]
+    # P19 (empty DKN) and P37 (no entry): 4 candidates abstained by with_DKN
+    assert every["with_DKN"]["n_abstained"] == 4 and every["wo_DKN"]["n_abstained"] == 0
+    assert every["with_DKN"]["n_true"] == 4 and dkn_only["with_DKN"]["n_true"] == 2
+    assert dkn_only["wo_DKN"]["n_true"] == dkn_only["with_DKN"]["n_true"] == 2
+    assert dkn_only["with_DKN"]["n_abstained"] == 0 and dkn_only["with_DKN"]["n_relations"] == 1
+    # with_DKN at 0.3 on P36: TP f1, f2; FP f2-wrong -> precision 2/3, recall 1 (P36 only)
+    # but recall 2/4 over all relations (the abstained true candidates are missed)
+    assert dkn_only["with_DKN"]["recall"] == pytest.approx(1.0)
+    assert every["with_DKN"]["recall"] == pytest.approx(0.5)
+    # wo_DKN: predicted f2 true (P36) and f3 true (P37) -> recall 1/2 on P36 only, 2/4 on all
+    assert dkn_only["wo_DKN"]["recall"] == pytest.approx(0.5)
+    assert every["wo_DKN"]["recall"] == pytest.approx(0.5)
+
+
+def test_facts_without_records_are_dropped_for_both_methods_and_counted(tiny_gpt2, tmp_path):
+    """Causal templates starting with [Y] get no AMIG records; fact checking scores both
+    methods on the same remaining facts and counts the dropped ones."""
+    from kneurons.factcheck import check_facts
+    from kneurons.shards import run_shard
+
+    facts = pd.DataFrame({
+        "uuid": ["a", "b", "c"], "lineid": [0, 1, 2], "relation": ["P1", "P1", "P1923"],
+        "template": ["[X] lives in [Y] .", "[X] lives in [Y] .", "[Y] is where [X] won ."],
+        "sub_label": ["Anna", "Bob", "Carl"], "obj_uri": ["Q1", "Q2", "Q3"],
+        "obj_label": ["Paris", "Rome", "Oslo"], "wrong_obj_uri": ["Q2", "Q1", "Q4"],
+        "wrong_obj_label": ["Rome", "Paris", "Bern"]})
+    records = run_shard(tiny_gpt2, facts, part="evaluation", shard=0, n_shards=1,
+                        method="amig", steps=2, quadrature="riemann", keep_top=3,
+                        output=tmp_path / "s.parquet")
+    assert set(records["uuid"]) == {"a", "b"}
+    dkn = {"P1": [(0, 1)], "P1923": [(0, 2)]}
+    result = check_facts(records, records.iloc[:0], dkn, tiny_gpt2.n_layers, tiny_gpt2.d_ff,
+                         [0.0], facts)
+    assert result["dropped"] == {"n_facts": 1, "relations": ["P1923"]}
+    for entry in result["metrics"]:
+        wo, with_ = entry["metrics"]["wo_DKN"], entry["metrics"]["with_DKN"]
+        assert wo["n_facts"] == with_["n_facts"] == 2
+        assert wo["n_true"] == with_["n_true"] == 2 and wo["n_wrong"] == with_["n_wrong"] == 2
+        assert wo["n_facts_dropped"] == with_["n_facts_dropped"] == 1

@@ -15,18 +15,21 @@ from kneurons.reports import (FACT_CHECK_COLUMNS, fact_check_markdown, fact_chec
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def method_metrics(p, r, f1, threshold, n_true=10, n_wrong=10, n_no_dkn=2):
+def method_metrics(p, r, f1, threshold, n_true=10, n_wrong=10, n_no_dkn=2, abstained=0):
     return {"precision": p, "recall": r, "f1": f1, "auroc": 0.75,
             "precision_wrong": 0.5, "recall_wrong": 0.25, "f1_wrong": 1 / 3,
             "auroc_wrong": 0.75, "n_true": n_true, "n_wrong": n_wrong, "n_facts": n_true,
-            "n_no_dkn": n_no_dkn, "n_relations": 3, "n_relations_no_dkn": 1,
-            "threshold": threshold}
+            "n_no_dkn": n_no_dkn, "n_abstained": abstained, "n_facts_dropped": 3,
+            "n_relations": 3, "n_relations_no_dkn": 1, "threshold": threshold}
 
 
-def run(language, model, wo_f1, with_f1, lam=0.125, source="auto"):
+def run(language, model, wo_f1, with_f1, lam=0.125, source="auto", population="all_relations",
+        setting=None):
     return {"language": language, "model": model, "threshold_source": source,
+            "population": population, "setting": setting or ("auto" if source == "auto"
+                                                            else f"{lam:g}"),
             "metrics": {"wo_DKN": method_metrics(0.123456, 0.5, wo_f1, None),
-                        "with_DKN": method_metrics(0.654321, 0.75, with_f1, lam)}}
+                        "with_DKN": method_metrics(0.654321, 0.75, with_f1, lam, abstained=2)}}
 
 
 @pytest.fixture()
@@ -38,7 +41,8 @@ def table() -> pd.DataFrame:
 def test_fact_check_table_columns_and_order(table):
     assert list(table.columns) == FACT_CHECK_COLUMNS + [
         "precision_wrong", "recall_wrong", "f1_wrong", "auroc_wrong", "n_no_dkn",
-        "threshold_source", "n_facts", "n_relations", "n_relations_no_dkn"]
+        "n_abstained", "threshold_source", "n_facts", "n_facts_dropped", "n_relations",
+        "n_relations_no_dkn"]
     assert list(zip(table["language"], table["model"], table["method"])) == [
         ("en", "bert", "wo_DKN"), ("en", "bert", "with_DKN"),
         ("en", "gpt2", "wo_DKN"), ("en", "gpt2", "with_DKN"),
@@ -46,36 +50,74 @@ def test_fact_check_table_columns_and_order(table):
     assert table["f1"].tolist() == [0.5, 0.6, 0.8, 0.6, 0.4, 0.5]
     assert math.isnan(table["threshold"].iloc[0])
     assert table["threshold"].iloc[[1, 3, 5]].tolist() == [0.125, 2.5, 0.125]
-    assert set(table["threshold_source"]) == {"auto"}
+    assert set(table.loc[table["method"] == "with_DKN", "threshold_source"]) == {"auto"}
     with pytest.raises(ValueError, match="threshold_source"):
         fact_check_table([run("en", "bert", 0.5, 0.6, source="guess")])
+    with pytest.raises(ValueError, match="more than once"):
+        fact_check_table([run("en", "bert", 0.5, 0.6), run("en", "bert", 0.5, 0.7)])
+
+
+def test_fact_check_table_populations_and_settings():
+    """One wo_DKN row per population, one with_DKN row per λ setting (in config order)."""
+    rows = [run("en", "bert", 0.5, 0.6), run("en", "bert", 0.5, 0.7, lam=1e-6, source="config"),
+            run("en", "bert", 0.45, 0.65, population="dkn_relations"),
+            run("en", "bert", 0.45, 0.75, lam=1e-6, source="config",
+                population="dkn_relations")]
+    table = fact_check_table(rows)
+    assert list(zip(table["population"], table["method"], table["setting"])) == [
+        ("all_relations", "wo_DKN", ""), ("all_relations", "with_DKN", "auto"),
+        ("all_relations", "with_DKN", "1e-06"),
+        ("dkn_relations", "wo_DKN", ""), ("dkn_relations", "with_DKN", "auto"),
+        ("dkn_relations", "with_DKN", "1e-06")]
+    text = fact_check_markdown(table)
+    assert "| mLAMA-en | bert | all | with DKN | 1e-06 | 20 | 65.43 | 75.00 | 70.00 | " \
+           "+40.00 | 2 |" in text
+    # ΔF1 against the same population's baseline: (0.75 - 0.45) / 0.45
+    assert "| mLAMA-en | bert | DKN only | with DKN | 1e-06 | 20 | 65.43 | 75.00 | 75.00 | " \
+           "+66.67 | 2 |" in text
+    assert "| mLAMA-en | bert | DKN only | wo DKN |  | 20 | 12.35 | 50.00 | 45.00 |  |  |" in text
+    assert "λ auto = 0.125; 1e-06 = 1e-06" in text
+    assert "1e-06 is the authors' λ" in text and "calibration slice" in text
 
 
 def test_fact_check_markdown_values(table):
     text = fact_check_markdown(table)
     lines = text.splitlines()
-    assert lines[0] == "| Dataset | Model | Method | P | R | F1 | ΔF1 |"
+    assert lines[0] == ("| Dataset | Model | Relations | Method | λ | n | P | R | F1 | ΔF1 | "
+                        "Abstained |")
     rows = [line for line in lines if line.startswith("| mLAMA-")]
     assert rows == [
-        "| mLAMA-en | bert | wo DKN | 12.35 | 50.00 | 50.00 |  |",
+        "| mLAMA-en | bert | all | wo DKN |  | 20 | 12.35 | 50.00 | 50.00 |  |  |",
         # (0.6 - 0.5) / 0.5 = +20 %
-        "| mLAMA-en | bert | with DKN | 65.43 | 75.00 | 60.00 | +20.00 |",
-        "| mLAMA-en | gpt2 | wo DKN | 12.35 | 50.00 | 80.00 |  |",
+        "| mLAMA-en | bert | all | with DKN | auto = 0.125 | 20 | 65.43 | 75.00 | 60.00 | +20.00 | 2 |",
+        "| mLAMA-en | gpt2 | all | wo DKN |  | 20 | 12.35 | 50.00 | 80.00 |  |  |",
         # (0.6 - 0.8) / 0.8 = -25 %
-        "| mLAMA-en | gpt2 | with DKN | 65.43 | 75.00 | 60.00 | -25.00 |",
-        "| mLAMA-zh | bert | wo DKN | 12.35 | 50.00 | 40.00 |  |",
-        "| mLAMA-zh | bert | with DKN | 65.43 | 75.00 | 50.00 | +25.00 |",
+        "| mLAMA-en | gpt2 | all | with DKN | auto = 2.5 | 20 | 65.43 | 75.00 | 60.00 | -25.00 | 2 |",
+        "| mLAMA-zh | bert | all | wo DKN |  | 20 | 12.35 | 50.00 | 40.00 |  |  |",
+        "| mLAMA-zh | bert | all | with DKN | auto = 0.125 | 20 | 65.43 | 75.00 | 50.00 | +25.00 | 2 |",
     ]
     assert "calibration slice of the discovery part" in text
-    assert "- gpt2 / mLAMA-en: λ = 2.5 (auto); 10 true / 10 wrong candidates; " \
-           "relations without DKN: 1 of 3 (2 candidates judged not correct by with DKN)" in text
-    assert "- bert / mLAMA-zh: λ = 0.125 (auto)" in text
+    assert "- gpt2 / mLAMA-en: λ auto = 2.5; 10 true / 10 wrong candidates; " \
+           "relations without DKN: 1 of 3 (2 candidates, on which with DKN abstains); " \
+           "facts left out for both methods (no attribution records, e.g. causal templates " \
+           "starting with [Y]): 3" in text
+    assert "- bert / mLAMA-zh: λ auto = 0.125" in text
+    assert "our R and P" in text
+    # an empty population (no relation with DKN) has no rates
+    empty = run("en", "bert", 0.0, 0.0, population="dkn_relations")
+    for method in ("wo_DKN", "with_DKN"):
+        empty["metrics"][method].update(n_true=0, n_wrong=0)
+    text = fact_check_markdown(fact_check_table([empty]))
+    assert "| mLAMA-en | bert | DKN only | wo DKN |  | 0 | n/a | n/a | n/a |  |  |" in text
+    assert "| mLAMA-en | bert | DKN only | with DKN | auto = 0.125 | 0 | n/a | n/a | n/a |  | 2 |" \
+        in text
 
 
 def test_fact_check_markdown_config_threshold_and_zero_baseline():
     text = fact_check_markdown(fact_check_table([run("en", "bert", 0.0, 0.5, source="config")]))
-    assert "| mLAMA-en | bert | with DKN | 65.43 | 75.00 | 50.00 | n/a |" in text
-    assert "set in the config (factcheck.threshold)" in text
+    assert "| mLAMA-en | bert | all | with DKN | 0.125 | 20 | 65.43 | 75.00 | 50.00 | n/a | 2 |" \
+        in text
+    assert "fixed in the config (factcheck.thresholds" in text
     assert "calibration slice" not in text
 
 
@@ -134,7 +176,7 @@ def test_plots_write_png_and_svg(tmp_path, empty):
             assert_figures(folder, "p", "no data")
     else:
         assert_figures(out["layers"], "p", "gpt2", "mLAMA-zh", "layer")
-        assert_figures(out["f1"], "p", "chosen λ = 0.5", "F1 (%)")
+        assert_figures(out["f1"], "p", "λ chosen = 0.5", "F1 (%)")
         assert_figures(out["roc"], "p", "gpt2/en: DKN score", "bert/en: model probability",
                        "false positive rate")
         assert_figures(out["relation"], "p", "bert / mLAMA-zh", "P19", "with DKN")

@@ -9,7 +9,7 @@ import pytest
 from kneurons.attribution import attribute
 from kneurons.checkpoint import Checkpoint
 from kneurons.queries import encode_query
-from kneurons.records import read_shard, score_matrix, top_neurons
+from kneurons.records import read_shard, score_matrix, top_neurons, write_shard
 from kneurons.shards import attribute_candidates, candidate_table, run_shard, shard_of
 
 
@@ -82,7 +82,41 @@ def test_run_shard_records_match_the_engine(request, tmp_path, fixture):
     query = encode_query(lm, fact["template"], fact["sub_label"], row["obj_label"])
     full = attribute(lm, [query], method="ig", steps=4)[0].scores
     np.testing.assert_allclose(score_matrix(row["scores"], lm.n_layers, lm.d_ff), full,
-                               atol=2e-3 * np.abs(full).max())
+                               rtol=1e-6, atol=1e-30)
+
+
+def test_stored_scores_keep_tiny_values_within_one_percent(tmp_path):
+    """Scores from 1e-12 to 1 (either sign, and zeros) survive the shard round trip, and
+    fact checking reads them back, with a relative error <= 1% (float16 would not)."""
+    from types import SimpleNamespace
+
+    from kneurons.factcheck import dkn_scores
+    from kneurons.shards import _records
+
+    magnitudes = np.logspace(-12, 0, 97)  # [97]
+    full = np.concatenate([magnitudes, -magnitudes, np.zeros(2)]).reshape(4, 49)  # [4, 49]
+    full = full.astype(np.float64)
+    rows = pd.DataFrame({"uuid": ["u", "u"], "lineid": [0, 0], "relation": ["P1", "P1"],
+                         "candidate": ["true", "wrong"], "obj_uri": ["Q1", "Q2"],
+                         "obj_label": ["a", "b"], "checked": [True, True]})
+    results = [SimpleNamespace(scores=sign * full, prob=0.5, token_probs=[0.5], rank=1,
+                               predicted=False) for sign in (1.0, -1.0)]
+    queries = [SimpleNamespace(target_ids=[1])] * 2
+    write_shard(_records(rows, queries, results, keep_top=3), tmp_path / "s.parquet", {})
+    records, _ = read_shard(tmp_path / "s.parquet")
+    for sign, blob in zip((1.0, -1.0), records["scores"]):
+        back = score_matrix(blob, 4, 49)
+        np.testing.assert_allclose(back, sign * full, rtol=1e-2, atol=0)
+        assert (back == 0).sum() == 2  # only the true zeros are zero
+    # fact checking decodes the same values: one DKN neuron per relation reads one cell
+    for flat in (0, 50, 96, 195):
+        layer, unit = divmod(flat, 49)
+        scores = dkn_scores(records, {"P1": [(layer, unit)]}, 4, 49)
+        expected = full[layer, unit]
+        got = scores.set_index("candidate")["dkn_score"]
+        assert got["true"] == pytest.approx(expected, rel=1e-2, abs=0)
+        assert got["wrong"] == pytest.approx(-expected, rel=1e-2, abs=0)
+    assert np.float16(1e-8) == 0  # the old dtype lost these values
 
 
 def test_resumed_attribution_equals_an_uninterrupted_one(tiny_bert, tmp_path):

@@ -101,12 +101,18 @@ def test_the_whole_dag_produces_table_3(finished_run):
     workdir, config = finished_run
     reports = workdir / "results" / "reports"
     table = pd.read_csv(reports / "fact_check.csv")
-    assert list(table.columns[:10]) == ["language", "model", "method", "precision", "recall",
-                                        "f1", "auroc", "n_true", "n_wrong", "threshold"]
-    assert len(table) == 2 * 2 * 2  # languages x models x methods
+    assert list(table.columns[:12]) == ["language", "model", "population", "method", "setting",
+                                        "precision", "recall", "f1", "auroc", "n_true",
+                                        "n_wrong", "threshold"]
+    # languages x models x populations x (wo_DKN + with_DKN at each of the 2 λ settings)
+    assert len(table) == 2 * 2 * 2 * 3
     assert set(table["method"]) == {"wo_DKN", "with_DKN"}
-    assert (table["n_true"] == 20).all() and (table["n_wrong"] == 20).all()  # 2 relations x 10
-    assert "| Dataset | Model | Method |" in (reports / "fact_check.md").read_text()
+    assert set(table["population"]) == {"all_relations", "dkn_relations"}
+    assert set(table.loc[table["method"] == "with_DKN", "setting"]) == {"auto", "1e-06"}
+    every = table[table["population"] == "all_relations"]
+    assert (every["n_true"] == 20).all() and (every["n_wrong"] == 20).all()  # 2 relations x 10
+    assert (table["n_true"] <= 20).all()
+    assert "| Dataset | Model | Relations | Method |" in (reports / "fact_check.md").read_text()
     for name in ("dkn_layers", "f1_vs_lambda", "roc", "per_relation_f1"):
         assert (reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert (reports / "figures" / f"{name}.svg").stat().st_size > 0
@@ -173,7 +179,13 @@ def planned(workdir: Path, config: dict, *args: str) -> dict[str, int]:
 
 @pytest.mark.parametrize(("change", "expected"), [
     (lambda c: c, {}),
-    (lambda c: c["factcheck"].update(threshold=0.001), {"fact_check": 4, "report_fact_check": 1, "all": 1}),
+    (lambda c: c["factcheck"].update(thresholds=["auto", 0.001]),
+     {"fact_check": 4, "report_fact_check": 1, "all": 1}),
+    (lambda c: c["neurons"].update(kn_threshold={"en": 0.2, "zh": 0.3}),
+     {"detect_dkn": 4, "aggregate_dkn": 2, "fact_check": 2, "report_fact_check": 1,
+      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "all": 1}),
+    (lambda c: c["neurons"].update(dkn_count="pair"),
+     {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
     (lambda c: c["neurons"].update(dkn_pair_drop=0.3),
      {"detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "all": 1}),
     (lambda c: c["neurons"].update(relation_threshold=0.5),

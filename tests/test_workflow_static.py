@@ -79,6 +79,11 @@ def test_paper_config_plans_without_toy_models():
         ({"mlama": {"source": "https://example.org/mlama1.1.zip"}}, "sha256"),
         ({"likn": {"edit_samples": 3}}, "edit_samples"),
         ({"likn": {"edit_sample": 0}}, "edit_sample"),
+        ({"factcheck": {"threshold": "auto"}}, "threshold"),  # now factcheck.thresholds
+        ({"factcheck": {"thresholds": ["often"]}}, "often"),
+        ({"neurons": {"kn_threshold": {"en": 0.3, "zh": 1.5}}}, "kn_threshold"),
+        ({"neurons": {"kn_threshold": {"en": 0.3}}}, "no value for language 'zh'"),
+        ({"neurons": {"dkn_count": "member"}}, "member"),
     ],
 )
 def test_bad_config_stops_before_any_job(tmp_path, patch, needle):

@@ -7,9 +7,17 @@ while suppressing both together lowers it below ``(1 - pair_drop)`` of the origi
 Suppressing a neuron sets its activation to 0 at the object position(s). The probability of a
 multi-token object is the mean of its per-token probabilities (as everywhere in kneurons).
 
-A relation's DKN set: count, over the relation's discovery queries, how many have each neuron
-in at least one DKN pair; the set is the neurons whose count exceeds ``relation_threshold``
-times the largest count.
+A relation's DKN set: each neuron of the relation's discovery queries gets a count, and the
+set is the neurons whose count exceeds ``relation_threshold`` times the largest count. The
+count (``neurons.dkn_count``, :data:`DKN_COUNTS`) is ours by default, ``query``: the number of
+queries in which the neuron is in at least one degenerate pair; or the authors', ``pair``: the
+number of degenerate pairs, over all queries, that the neuron is a member of (a neuron in
+three pairs of one query counts 3). Both keep the rule "above a share of the largest count".
+
+**No leakage into λ.** The calibration slice (:func:`kneurons.facts.mark_calibration`) is part
+of the discovery split, but fact checking tunes its threshold λ on it, so its facts take no part
+in DKN detection (:func:`detect_dkn_records` skips them) nor in aggregation
+(:func:`aggregate_relations` drops their rows): the DKN sets do not depend on them.
 """
 
 from __future__ import annotations
@@ -89,16 +97,24 @@ def detect_query_dkn(
                     pair_probs=pair_probs, tested_pairs=len(candidates), dkn=members)
 
 
-def relation_dkn(query_dkns: Iterable[Iterable[Neuron]], relation_threshold: float
-                 ) -> tuple[list[Neuron], Counter]:
-    """A relation's DKN set from its queries' DKN members, and the per-neuron query counts.
+DKN_COUNTS = ("query", "pair")
+"""How a relation's DKN counts are made (see the module docstring); ``query`` is ours."""
 
-    Neurons counted in more than ``relation_threshold`` x (largest count) queries are kept,
-    sorted by count (descending), then layer and index.
+
+def relation_dkn(query_dkns: Iterable[Iterable[Neuron]], relation_threshold: float,
+                 distinct: bool = True) -> tuple[list[Neuron], Counter]:
+    """A relation's DKN set from its queries' neurons, and the per-neuron counts.
+
+    Each item of ``query_dkns`` holds one query's neurons: with ``distinct`` (the ``query``
+    count) a neuron counts once per query; without it (the ``pair`` count, items holding the
+    members of every pair) once per occurrence. Neurons counted more than
+    ``relation_threshold`` x (largest count) times are kept, sorted by count (descending),
+    then layer and index.
     """
     counts: Counter = Counter()
     for members in query_dkns:
-        counts.update({(int(layer), int(neuron)) for layer, neuron in members})
+        neurons = [(int(layer), int(neuron)) for layer, neuron in members]
+        counts.update(set(neurons) if distinct else neurons)
     if not counts:
         return [], counts
     cutoff = relation_threshold * max(counts.values())
@@ -136,16 +152,21 @@ def detect_dkn_records(
 ) -> pd.DataFrame:
     """DKN of every true-object record of a discovery attribution shard.
 
-    ``facts`` gives each uuid's template and subject (to rebuild the query). Returns one row
-    per query: uuid, relation, kn_layers, kn_neurons, base_prob, single_probs, tested_pairs,
+    ``facts`` gives each uuid's template and subject (to rebuild the query) and, in its
+    ``calibration`` column (absent: none), the calibration slice, whose facts are skipped (see
+    the module docstring). Returns one row per other query: uuid, relation, kn_layers, kn_neurons, base_prob, single_probs, tested_pairs,
     pair_layers, pair_neurons ([a, b] per degenerate pair), pair_probs, dkn_layers,
     dkn_neurons. Rows are checkpointed every ``every`` queries.
     """
+    facts = facts.assign(calibration=facts.get(
+        "calibration", pd.Series(False, index=facts.index)).fillna(False).astype(bool))
     true = records[records["candidate"] == "true"].merge(
-        facts[["uuid", "template", "sub_label"]], on="uuid", how="left", validate="one_to_one")
+        facts[["uuid", "template", "sub_label", "calibration"]], on="uuid", how="left",
+        validate="one_to_one")
     if true["template"].isna().any():
         missing = true.loc[true["template"].isna(), "uuid"].tolist()[:5]
         raise ValueError(f"attribution records without a fact: {missing}")
+    true = true[~true["calibration"].astype(bool)].reset_index(drop=True)
     done = checkpoint.load() if checkpoint is not None else None
     rows: list[dict] = []
     chunks = [done] if done is not None else []
@@ -183,21 +204,32 @@ def detect_dkn_records(
     return pd.concat(chunks, ignore_index=True)
 
 
-def aggregate_relations(query_dkn: pd.DataFrame, relation_threshold: float
+def aggregate_relations(query_dkn: pd.DataFrame, relation_threshold: float,
+                        calibration: Iterable[str] = (), count: str = "query"
                         ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Per relation: the DKN set (see ``relation_dkn``) and statistics.
 
-    ``query_dkn``: rows of ``detect_dkn_records``. Returns the JSON-able
+    ``query_dkn``: rows of ``detect_dkn_records``; rows of the uuids in ``calibration`` (the
+    calibration slice) are dropped first. ``count``: one of :data:`DKN_COUNTS`. Returns the JSON-able
     ``{"relation_threshold", "relations": {rel: {"dkn": [[layer, neuron], ...],
     "counts": [...], "n_queries", "queries_with_dkn"}}}``; a statistics table with one row per
     relation (n_queries, mean_kn, mean_pairs, queries_with_dkn, n_dkn, mean_base_prob); and the
     layer distribution of the DKN sets (relation, layer, n_dkn).
     """
+    if count not in DKN_COUNTS:
+        raise ValueError(f"unknown DKN count {count!r}; expected one of {DKN_COUNTS}")
+    query_dkn = query_dkn[~query_dkn["uuid"].isin(set(calibration))]
     relations: dict = {}
     stats, layers = [], []
     for relation, group in query_dkn.groupby("relation", sort=True):
         members = [list(zip(ls, ns)) for ls, ns in zip(group["dkn_layers"], group["dkn_neurons"])]
-        kept, counts = relation_dkn(members, relation_threshold)
+        if count == "query":
+            kept, counts = relation_dkn(members, relation_threshold)
+        else:
+            pair_members = [[(layer, neuron) for ls, ns in zip(pls, pns)
+                             for layer, neuron in zip(ls, ns)]
+                            for pls, pns in zip(group["pair_layers"], group["pair_neurons"])]
+            kept, counts = relation_dkn(pair_members, relation_threshold, distinct=False)
         with_dkn = int(sum(1 for m in members if len(m)))
         relations[relation] = {
             "dkn": [[layer, neuron] for layer, neuron in kept],
@@ -212,7 +244,7 @@ def aggregate_relations(query_dkn: pd.DataFrame, relation_threshold: float
                           mean_base_prob=float(group["base_prob"].mean())))
         for layer, n in sorted(Counter(layer for layer, _ in kept).items()):
             layers.append(dict(relation=relation, layer=int(layer), n_dkn=int(n)))
-    summary = {"relation_threshold": relation_threshold, "relations": relations}
+    summary = {"relation_threshold": relation_threshold, "count": count, "relations": relations}
     stats_df = pd.DataFrame(stats, columns=["relation", "n_queries", "mean_kn", "mean_pairs",
                                             "queries_with_dkn", "n_dkn", "mean_base_prob"])
     layers_df = pd.DataFrame(layers, columns=["relation", "layer", "n_dkn"])

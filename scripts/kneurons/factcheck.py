@@ -13,20 +13,29 @@ when the mean attribution score of its relation's DKN exceeds a threshold λ::
     judged correct  <=>  dkn_score(c) > λ          (strictly greater)
 
 ``score_c`` is the candidate's [n_layers, d_ff] attribution matrix stored in its shard
-(float16, probability units; see :mod:`kneurons.shards`), ``DKN(relation)`` the set of
+(float32, probability units; see :mod:`kneurons.records`), ``DKN(relation)`` the set of
 distinct (layer, neuron) pairs of the relation's degenerate knowledge neurons (duplicates in
 the input list count once). A relation with no DKN has ``dkn_score = NaN``; its statements
-are judged *not* correct by with_DKN and stay in every denominator (its true candidates are
-false negatives, its wrong candidates true negatives), so relations without DKN cost recall
-rather than silently leaving the evaluation. ``n_no_dkn`` counts these candidates.
+are judged *not* correct by with_DKN (with_DKN *abstains* on them) and stay in every
+denominator of the ``all_relations`` population (its true candidates are false negatives, its
+wrong candidates true negatives), so relations without DKN cost recall rather than silently
+leaving the evaluation; ``n_no_dkn``/``n_abstained`` count these candidates. The
+``dkn_relations`` population (:data:`POPULATIONS`) keeps only relations with DKN, for both
+methods: the authors' population. Both are reported.
 
 **wo_DKN** (the baseline): the model judges directly with its own prediction. A statement is
 judged correct when the model's prediction for the query (argmax per mask for masked LMs,
 greedy decoding for causal LMs) equals the candidate (the shard's ``predicted`` column). A
 model predicting neither object judges both statements wrong.
 
+**Same facts for both methods.** Both methods read the same shard records, so they judge the
+same statements. Facts without records (causal templates starting with ``[Y]``, which AMIG
+cannot attribute: :func:`kneurons.shards.attributable`) are dropped for both and counted
+(:func:`dropped_facts`, ``n_facts_dropped``).
+
 **Metrics** (:func:`fact_check_metrics`): precision, recall and F1 of the class "the
-statement is correct" (label 1, judged correct), the paper's P/R/F1, computed with
+statement is correct" (label 1, judged correct), the paper's P/R/F1 up to the authors'
+swap of P and R (see docs/differences.md), computed with
 scikit-learn's ``precision_recall_fscore_support`` (``zero_division=0``). The same three for
 the class "the statement is wrong" (``*_wrong``: label 0, judged not correct). AUROC of a
 continuous score against the label: ``dkn_score`` for with_DKN, where NaN (no DKN) ranks
@@ -35,7 +44,9 @@ model's own probability ``prob`` of the candidate for wo_DKN. ``auroc_wrong`` is
 the negated score against the "wrong" class, which equals ``auroc`` by symmetry; it is reported
 for completeness. AUROC is NaN when only one class is present.
 
-**Threshold** (:func:`choose_threshold`): λ maximising the with_DKN F1 over the candidate
+**Thresholds**: :func:`check_facts` takes a list of λ settings (``factcheck.thresholds``),
+each a row of Table 3: a number (e.g. the authors' fixed λ = 1e-6) or ``auto``, chosen by
+:func:`choose_threshold`: λ maximising the with_DKN F1 over the candidate
 thresholds: the midpoints between consecutive distinct finite ``dkn_score`` values and one
 value below the minimum (``min - 1``, which judges every statement with DKN correct). F1 is
 computed from integer counts as ``2 TP / (2 TP + FP + FN)``, so equal F1 values compare
@@ -54,6 +65,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
+from .records import SCORE_DTYPE
 
 METHODS = ("wo_DKN", "with_DKN")
 """Fact-checking methods, in table order (the baseline first)."""
@@ -106,14 +119,14 @@ def dkn_scores(records: pd.DataFrame, dkn: Mapping[str, Sequence[tuple[int, int]
 
     Returns one row per checked candidate, sorted by relation, uuid and candidate, with
     columns ``uuid, relation, candidate, label`` (1 = true object: the statement is correct,
-    0 = wrong object), ``dkn_score`` (float64, mean float16 attribution over the relation's
+    0 = wrong object), ``dkn_score`` (float64, mean float32 attribution over the relation's
     distinct DKN neurons, NaN without DKN), ``prob`` (the model's mean per-token probability
     of the candidate), ``predicted`` (the model's prediction equals the candidate) and
     ``has_dkn``.
     """
     checked = records.loc[records["checked"].astype(bool)]
     _check_pairs(checked)
-    n_bytes = n_layers * d_ff * np.dtype(np.float16).itemsize
+    n_bytes = n_layers * d_ff * SCORE_DTYPE.itemsize
     dkn_score = np.full(len(checked), np.nan, dtype=np.float64)
     has_dkn = np.zeros(len(checked), dtype=bool)
     relations = checked["relation"].to_numpy()
@@ -130,9 +143,9 @@ def dkn_scores(records: pd.DataFrame, dkn: Mapping[str, Sequence[tuple[int, int]
                 size = "no" if blob is None else f"{len(blob)} bytes of"
                 raise ValueError(
                     f"checked record {checked['uuid'].iat[row]}/{checked['candidate'].iat[row]} "
-                    f"has {size} scores; expected {n_bytes} bytes (float16 [{n_layers}, {d_ff}])")
-            # Same layout as shards.score_matrix; only the DKN entries are decoded.
-            matrix = np.frombuffer(blob, dtype=np.float16)  # [n_layers * d_ff], row-major
+                    f"has {size} scores; expected {n_bytes} bytes (float32 [{n_layers}, {d_ff}])")
+            # Same layout as records.score_matrix; only the DKN entries are decoded.
+            matrix = np.frombuffer(blob, dtype=SCORE_DTYPE)  # [n_layers * d_ff], row-major
             dkn_score[row] = matrix[flat].astype(np.float64).mean()
     out = pd.DataFrame({
         "uuid": checked["uuid"].to_numpy(),
@@ -201,6 +214,7 @@ def _method_metrics(scores: pd.DataFrame, method: str, threshold: float | None) 
         "n_facts": int(scores["uuid"].nunique()),
         "n_no_dkn": int((~has_dkn).sum()),
         "n_relations": int(len(relations)), "n_relations_no_dkn": int((~relations).sum()),
+        "n_abstained": int((~has_dkn).sum()) if method == "with_DKN" else 0,
         "threshold": (None if method == "wo_DKN"
                       else (math.nan if threshold is None else float(threshold))),
     }
@@ -213,8 +227,9 @@ def fact_check_metrics(scores: pd.DataFrame, threshold: float | None) -> dict:
     (class "statement is correct"), precision_wrong, recall_wrong, f1_wrong, auroc_wrong
     (class "statement is wrong"), n_true, n_wrong (candidates), n_facts, n_no_dkn
     (candidates of relations without DKN; the same count under both methods, but only
-    with_DKN judges them not correct because of it), n_relations, n_relations_no_dkn and
-    threshold (λ for with_DKN, None for wo_DKN, which judges by ``predicted``).
+    with_DKN judges them not correct because of it), n_abstained (the candidates a method
+    judged not correct for want of DKN: n_no_dkn for with_DKN, 0 for wo_DKN), n_relations,
+    n_relations_no_dkn and threshold (λ for with_DKN, None for wo_DKN, which judges by ``predicted``).
     """
     return {method: _method_metrics(scores, method, threshold) for method in METHODS}
 
@@ -292,27 +307,79 @@ def per_relation_metrics(scores: pd.DataFrame, threshold: float | None) -> pd.Da
     return pd.DataFrame(rows, columns=columns)
 
 
+POPULATIONS = ("all_relations", "dkn_relations")
+"""Table 3's populations: every relation (with_DKN abstains on, i.e. judges not correct, the
+statements of relations without DKN, and these are counted), and only the relations with DKN
+(the authors' population: their scripts skip relations without DKN for both methods)."""
+
+
+def population(scores: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows of ``scores`` in population ``name`` (see :data:`POPULATIONS`)."""
+    if name == "all_relations":
+        return scores
+    if name == "dkn_relations":
+        return scores[scores["has_dkn"].to_numpy(bool)].reset_index(drop=True)
+    raise ValueError(f"unknown population {name!r}; expected one of {POPULATIONS}")
+
+
+def dropped_facts(facts: pd.DataFrame | None, scores: pd.DataFrame) -> dict:
+    """Facts of the checked part that have no scored candidates (e.g. causal templates
+    starting with ``[Y]``, which AMIG cannot attribute and the shards leave out): both methods
+    are scored without them. Returns ``{"n_facts", "relations"}`` (relations sorted)."""
+    if facts is None:
+        return {"n_facts": 0, "relations": []}
+    missing = facts[~facts["uuid"].isin(set(scores["uuid"]))]
+    return {"n_facts": int(missing["uuid"].nunique()),
+            "relations": sorted(str(r) for r in set(missing["relation"]))}
+
+
+def setting_name(threshold: float | str) -> str:
+    """How a λ setting is named in the outputs: ``auto`` or the number (``1e-06``)."""
+    return "auto" if threshold == "auto" else f"{float(threshold):g}"
+
+
 def check_facts(evaluation: pd.DataFrame, calibration: pd.DataFrame,
                 dkn: Mapping[str, Sequence[tuple[int, int]]], n_layers: int, d_ff: int,
-                threshold: float | str) -> dict:
+                thresholds: Sequence[float | str] | float | str,
+                facts: pd.DataFrame | None = None) -> dict:
     """The whole fact check of one model and language.
 
     ``evaluation``/``calibration``: attribution records of the evaluation part and of the
-    discovery part (only their checked rows are used). ``threshold``: λ, or ``"auto"`` to
-    choose it on the calibration slice with :func:`choose_threshold`. Returns
-    ``{"threshold", "threshold_source", "metrics", "scores", "calibration_scores",
-    "f1_curve", "per_relation"}`` (the last four are tables; the F1 curve is over the
-    evaluation scores at the calibration and evaluation candidate thresholds).
+    discovery part (only their checked rows are used). ``thresholds``: the λ settings, each a
+    number or ``"auto"`` (chosen on the calibration slice with :func:`choose_threshold`).
+    ``facts``: the evaluation part's facts, to count those left without records.
+
+    Returns ``{"settings", "dropped", "metrics", "scores", "calibration_scores", "f1_curve",
+    "per_relation"}``: ``settings`` a list of ``{"setting", "threshold", "threshold_source"}``
+    (source ``auto`` or ``config``); ``dropped`` (:func:`dropped_facts`); ``metrics`` a list
+    with one ``{"setting", "threshold", "threshold_source", "population", "metrics"}`` per
+    setting and population (:data:`POPULATIONS`; ``metrics`` from
+    :func:`fact_check_metrics`, with ``n_facts_dropped`` added); tables: the scores, the F1
+    curve over the evaluation scores at the calibration and evaluation candidate thresholds,
+    and the per-relation metrics of every setting (column ``setting``).
     """
+    if isinstance(thresholds, (str, int, float)):
+        thresholds = [thresholds]
     scores = dkn_scores(evaluation, dkn, n_layers, d_ff)
     calibration_scores = dkn_scores(calibration, dkn, n_layers, d_ff)
-    if threshold == "auto":
-        lam, source = choose_threshold(calibration_scores), "auto"
-    else:
-        lam, source = float(threshold), "config"
+    dropped = dropped_facts(facts, scores)
+    settings, metrics, per_relation = [], [], []
+    for threshold in thresholds:
+        if threshold == "auto":
+            lam, source = choose_threshold(calibration_scores), "auto"
+        else:
+            lam, source = float(threshold), "config"
+        setting = {"setting": setting_name(threshold), "threshold": lam,
+                   "threshold_source": source}
+        settings.append(setting)
+        for name in POPULATIONS:
+            found = fact_check_metrics(population(scores, name), lam)
+            for entry in found.values():
+                entry["n_facts_dropped"] = dropped["n_facts"]
+            metrics.append({**setting, "population": name, "metrics": found})
+        per_relation.append(per_relation_metrics(scores, lam).assign(setting=setting["setting"]))
     grid = np.unique(np.concatenate([candidate_thresholds(calibration_scores),
                                      candidate_thresholds(scores)]))
-    return {"threshold": lam, "threshold_source": source,
-            "metrics": fact_check_metrics(scores, lam), "scores": scores,
+    return {"settings": settings, "dropped": dropped, "metrics": metrics, "scores": scores,
             "calibration_scores": calibration_scores, "f1_curve": f1_curve(scores, grid),
-            "per_relation": per_relation_metrics(scores, lam)}
+            "per_relation": pd.concat(per_relation, ignore_index=True)}

@@ -38,7 +38,9 @@ fact gets it in discovery if the rounding gives 1, else in evaluation.
 **Calibration slice** (:func:`mark_calibration`): a ``calibration`` column marks, per
 relation, a seeded share of the discovery part (same ranking scheme, purpose
 ``"calibration"``, aligned across languages). Fact checking may tune its threshold on
-these facts; it never looks at the evaluation part for that.
+these facts; it never looks at the evaluation part for that. DKN detection and aggregation
+leave these facts out (:mod:`kneurons.dkn`), so the DKN are not fitted to the facts the
+threshold is tuned on.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Reports: the fact-checking table (the paper's Table 3) and the figures.
 
 :func:`fact_check_table` flattens :func:`kneurons.factcheck.fact_check_metrics` outputs of
-several (language, model) runs into one row per (language, model, method);
+several (language, model) runs into one row per (language, model, population, method, λ
+setting) (wo_DKN, which has no λ, once per population);
 :func:`fact_check_markdown` lays that table out like Table 3 of Chen et al. (AAAI 2024)
 with P, R and F1 in percent and ΔF1, the relative change of with_DKN's F1 over wo_DKN's
 (``100 * (F1_with - F1_wo) / F1_wo``, in percent of the baseline's F1), on the with_DKN row.
@@ -25,29 +26,40 @@ import pandas as pd
 from .factcheck import METHODS, ranking_score
 from .io import atomic_path
 
-FACT_CHECK_COLUMNS = ["language", "model", "method", "precision", "recall", "f1", "auroc",
-                      "n_true", "n_wrong", "threshold"]
+FACT_CHECK_COLUMNS = ["language", "model", "population", "method", "setting", "precision",
+                      "recall", "f1", "auroc", "n_true", "n_wrong", "threshold"]
 """The leading columns of :func:`fact_check_table`."""
 
 FACT_CHECK_EXTRA_COLUMNS = ["precision_wrong", "recall_wrong", "f1_wrong", "auroc_wrong",
-                            "n_no_dkn", "threshold_source", "n_facts", "n_relations",
-                            "n_relations_no_dkn"]
+                            "n_no_dkn", "n_abstained", "threshold_source", "n_facts",
+                            "n_facts_dropped", "n_relations", "n_relations_no_dkn"]
 """The columns after :data:`FACT_CHECK_COLUMNS`."""
 
 THRESHOLD_SOURCES = ("auto", "config")
 METHOD_LABELS = {"wo_DKN": "wo DKN", "with_DKN": "with DKN"}
 """How the methods are named in the Markdown table (the paper's "wo DKN" / "with DKN")."""
+POPULATION_LABELS = {"all_relations": "all", "dkn_relations": "DKN only"}
+"""How the populations (:data:`kneurons.factcheck.POPULATIONS`) are named in the Markdown."""
 
 
 # ---- Table 3 ------------------------------------------------------------------------------
 
-def fact_check_table(rows: Sequence[Mapping]) -> pd.DataFrame:
-    """One row per (language, model, method), sorted by language, model, then wo_DKN, with_DKN.
+def fact_check_rows(model: str, language: str, document: Mapping) -> list[dict]:
+    """The rows of :func:`fact_check_table` from one fact_check metrics JSON document."""
+    return [{"language": language, "model": model, "population": entry["population"],
+             "setting": entry["setting"], "threshold_source": entry["threshold_source"],
+             "metrics": entry["metrics"]} for entry in document["metrics"]]
 
-    Each input row is ``{"language", "model", "metrics", "threshold_source"}`` where
-    ``metrics`` is a :func:`~kneurons.factcheck.fact_check_metrics` result and
-    ``threshold_source`` is ``"auto"`` (λ chosen on the calibration slice) or ``"config"``.
-    The wo_DKN rows have threshold NaN (the baseline judges by the model's prediction).
+
+def fact_check_table(rows: Sequence[Mapping]) -> pd.DataFrame:
+    """Table 3: per (language, model, population) one wo_DKN row, then one with_DKN row per λ
+    setting (in the given order); sorted by language, model, then population.
+
+    Each input row is ``{"language", "model", "population", "setting", "threshold_source",
+    "metrics"}`` (:func:`fact_check_rows`) where ``metrics`` is a
+    :func:`~kneurons.factcheck.fact_check_metrics` result and ``threshold_source`` is ``"auto"``
+    (λ chosen on the calibration slice) or ``"config"``. wo_DKN does not depend on λ: its row
+    (from the first setting) has setting "" and threshold NaN.
     """
     records = []
     for row in rows:
@@ -58,21 +70,27 @@ def fact_check_table(rows: Sequence[Mapping]) -> pd.DataFrame:
         for method in METHODS:
             metrics = row["metrics"][method]
             threshold = metrics.get("threshold")
-            record = {"language": row["language"], "model": row["model"], "method": method}
-            for column in FACT_CHECK_COLUMNS[3:] + FACT_CHECK_EXTRA_COLUMNS:
+            record = {"language": row["language"], "model": row["model"],
+                      "population": row["population"], "method": method,
+                      "setting": row["setting"] if method == "with_DKN" else ""}
+            for column in FACT_CHECK_COLUMNS[5:] + FACT_CHECK_EXTRA_COLUMNS:
                 record[column] = metrics.get(column)
             record["threshold"] = math.nan if threshold is None else float(threshold)
-            record["threshold_source"] = source
+            record["threshold_source"] = source if method == "with_DKN" else ""
             records.append(record)
     table = pd.DataFrame(records, columns=FACT_CHECK_COLUMNS + FACT_CHECK_EXTRA_COLUMNS)
     if table.empty:
         return table
+    keys = ["language", "model", "population", "method", "setting"]
+    if table[table["method"] == "with_DKN"].duplicated(keys).any():
+        raise ValueError("fact_check_table: a (language, model, population, setting) row "
+                         "appears more than once")
+    table = table.drop_duplicates(keys)  # wo_DKN: one row per population
+    order = {p: i for i, p in enumerate(POPULATION_LABELS)}
+    table["_population"] = table["population"].map(lambda p: order.get(p, len(order)))
     table["_method"] = table["method"].map({m: i for i, m in enumerate(METHODS)})
-    table = table.sort_values(["language", "model", "_method"], kind="stable")
-    table = table.drop(columns="_method").reset_index(drop=True)
-    if table.duplicated(["language", "model", "method"]).any():
-        raise ValueError("fact_check_table: a (language, model) pair appears more than once")
-    return table
+    table = table.sort_values(["language", "model", "_population", "_method"], kind="stable")
+    return table.drop(columns=["_population", "_method"]).reset_index(drop=True)
 
 
 def _percent(value) -> str:
@@ -85,41 +103,64 @@ def _delta_f1(with_f1, wo_f1) -> str:
     return f"{100 * (float(with_f1) - float(wo_f1)) / float(wo_f1):+.2f}"
 
 
-def fact_check_markdown(table: pd.DataFrame) -> str:
-    """Table 3 as Markdown: Dataset, Model, Method, P, R, F1 (%), ΔF1 (%), then notes.
+def _lambda(value) -> str:
+    return "n/a (no DKN score)" if value is None or pd.isna(value) else f"{float(value):.6g}"
 
-    ΔF1 is on the with_DKN row (relative to the same model and language's wo_DKN F1; "n/a"
-    when the baseline's F1 is 0). The notes say how λ was chosen, list λ per (model,
-    language), and the candidate and DKN-less relation counts.
+
+def fact_check_markdown(table: pd.DataFrame) -> str:
+    """Table 3 as Markdown: Dataset, Model, Relations, Method, λ, n, P, R, F1 (%), ΔF1 (%),
+    Abstained, then notes.
+
+    n: candidates of the population (P, R and F1 are "n/a" when it is empty). ΔF1 is on the
+    with_DKN rows (relative to the same model, language and population's wo_DKN F1; "n/a" when
+    the baseline's F1 is 0). Abstained: candidates with_DKN judged not correct for want of
+    DKN. The notes say how each λ was chosen and give the candidate, DKN-less
+    relation and dropped-fact counts per (model, language).
     """
-    header = ["Dataset", "Model", "Method", "P", "R", "F1", "ΔF1"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 4) + "|"]
+    header = ["Dataset", "Model", "Relations", "Method", "λ", "n", "P", "R", "F1", "ΔF1",
+              "Abstained"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * 4 + ["---:"] * 7) + "|"]
     notes = []
     sources = set()
-    for (language, model), group in table.groupby(["language", "model"], sort=False):
-        f1 = dict(zip(group["method"], group["f1"]))
-        for row in group.itertuples(index=False):
-            delta = _delta_f1(row.f1, f1.get("wo_DKN")) if row.method == "with_DKN" else ""
-            cells = [f"mLAMA-{language}", str(model), METHOD_LABELS.get(row.method, row.method),
-                     _percent(row.precision), _percent(row.recall), _percent(row.f1), delta]
-            lines.append("| " + " | ".join(cells) + " |")
-        with_rows = group[group["method"] == "with_DKN"]
-        first = (with_rows if len(with_rows) else group).iloc[0]
-        sources.add(first["threshold_source"])
-        lam = first["threshold"]
-        lam_text = "n/a (no DKN score)" if pd.isna(lam) else f"{float(lam):.6g}"
+    for (language, model), run in table.groupby(["language", "model"], sort=False):
+        for population, group in run.groupby("population", sort=False):
+            wo = group.loc[group["method"] == "wo_DKN", "f1"]
+            wo_f1 = wo.iloc[0] if len(wo) else None
+            for row in group.itertuples(index=False):
+                with_dkn = row.method == "with_DKN"
+                n = int(row.n_true or 0) + int(row.n_wrong or 0)
+                rates = ([_percent(row.precision), _percent(row.recall), _percent(row.f1)]
+                         if n else ["n/a"] * 3)
+                lam = "n/a" if pd.isna(row.threshold) else f"{float(row.threshold):.6g}"
+                cells = [f"mLAMA-{language}", str(model),
+                         POPULATION_LABELS.get(population, population),
+                         METHOD_LABELS.get(row.method, row.method),
+                         (row.setting if row.setting == lam else f"{row.setting} = {lam}")
+                         if with_dkn else "", str(n), *rates,
+                         _delta_f1(row.f1, wo_f1) if with_dkn and n else "",
+                         _count(row._asdict(), "n_abstained") if with_dkn else ""]
+                lines.append("| " + " | ".join(cells) + " |")
+        with_rows = run[run["method"] == "with_DKN"]
+        sources.update(with_rows["threshold_source"])
+        every = run[run["population"] == "all_relations"]
+        first = (every if len(every) else run).iloc[0]
+        lams = "; ".join(f"{r.setting} = {_lambda(r.threshold)}" for r in with_rows.drop_duplicates(
+            "setting").itertuples(index=False))
         notes.append(
-            f"- {model} / mLAMA-{language}: λ = {lam_text} ({first['threshold_source']}); "
+            f"- {model} / mLAMA-{language}: λ {lams or 'n/a'}; "
             f"{int(first['n_true'])} true / {int(first['n_wrong'])} wrong candidates; "
             f"relations without DKN: {_count(first, 'n_relations_no_dkn')} of "
-            f"{_count(first, 'n_relations')} ({_count(first, 'n_no_dkn')} candidates judged "
-            f"not correct by with DKN)")
+            f"{_count(first, 'n_relations')} ({_count(first, 'n_no_dkn')} candidates, on which "
+            f"with DKN abstains); facts left out for both methods (no attribution records, "
+            f"e.g. causal templates starting with [Y]): {_count(first, 'n_facts_dropped')}")
     if table.empty:
-        lines.append("| (no data) | | | | | | |")
+        lines.append("| (no data) | | | | | | | | | | |")
     how = {
-        "auto": "chosen automatically to maximise the with-DKN F1 on the calibration slice of "
-                "the discovery part (never on the evaluation part)",
-        "config": "set in the config (factcheck.threshold)",
+        "auto": "auto: chosen to maximise the with-DKN F1 on the calibration slice of the "
+                "discovery part (never on the evaluation part; the DKN are found without that "
+                "slice)",
+        "config": "numbers: fixed in the config (factcheck.thresholds; 1e-06 is the authors' λ)",
     }
     explanation = "; ".join(f"{how[s]}" for s in THRESHOLD_SOURCES if s in sources)
     text = [
@@ -127,9 +168,13 @@ def fact_check_markdown(table: pd.DataFrame) -> str:
         "P, R and F1 in % for the class \"the statement is correct\" over the true and wrong "
         "candidates of the evaluation facts. wo DKN: the model judges by its own prediction; "
         "with DKN: correct when the mean attribution of the relation's DKN exceeds λ. "
-        "ΔF1: relative change of F1 with DKN over wo DKN, in % of the wo-DKN F1.",
+        "ΔF1: relative change of F1 with DKN over wo DKN, in % of the wo-DKN F1. Relations: "
+        "all (with DKN abstains on relations without DKN: judged not correct, counted under "
+        "Abstained) or DKN only (only relations with DKN, for both methods: the authors' "
+        "population; n/a when no relation has DKN). n: candidates. The paper's P and R columns correspond to our R and P (the authors' "
+        "cal_hallucination.py swaps them; see docs/differences.md).",
         "",
-        f"λ was {explanation or 'not set (no rows)'}.",
+        f"λ settings: {explanation or 'none (no rows)'}.",
     ]
     if notes:
         text += [""] + notes
@@ -225,10 +270,11 @@ def plot_dkn_layers(layer_counts: pd.DataFrame, out_png, out_svg) -> None:
 
 def plot_f1_vs_lambda(curves: Mapping[str, pd.DataFrame], chosen: Mapping[str, float],
                       out_png, out_svg) -> None:
-    """F1 of with_DKN against λ per key (e.g. ``"toy-bert/en"``), the chosen λ as a dashed line.
+    """F1 of with_DKN against λ per key (e.g. ``"toy-bert/en"``), each λ setting as a line.
 
     ``curves[key]`` has columns ``threshold`` and ``f1`` (see
-    :func:`~kneurons.factcheck.f1_curve`); ``chosen[key]`` is λ (NaN or missing: no line).
+    :func:`~kneurons.factcheck.f1_curve`); ``chosen[key]`` is λ or a map setting -> λ, one
+    line per setting (NaN or missing: no line).
     """
     plt = _pyplot()
     title = "Fact checking with DKN: F1 against the threshold λ"
@@ -243,10 +289,13 @@ def plot_f1_vs_lambda(curves: Mapping[str, pd.DataFrame], chosen: Mapping[str, f
                 curve = curves[key].sort_values("threshold")
                 (line,) = ax.plot(curve["threshold"], 100 * curve["f1"], marker=".",
                                   label=key)
-                lam = chosen.get(key, math.nan)
-                if lam is not None and not pd.isna(lam):
-                    ax.axvline(float(lam), color=line.get_color(), linestyle="--",
-                               label=f"{key}: chosen λ = {float(lam):.4g}")
+                lams = chosen.get(key, math.nan)
+                if not isinstance(lams, Mapping):
+                    lams = {"chosen": lams}
+                for (setting, lam), style in zip(lams.items(), ["--", ":", "-."] * len(lams)):
+                    if lam is not None and not pd.isna(lam):
+                        ax.axvline(float(lam), color=line.get_color(), linestyle=style,
+                                   label=f"{key}: λ {setting} = {float(lam):.4g}")
             if keys:
                 ax.set_xlabel("λ (mean DKN attribution threshold)")
                 ax.set_ylabel("F1 (%)")
@@ -342,6 +391,13 @@ def plot_per_relation_f1(per_relation: pd.DataFrame, out_png, out_svg) -> None:
 
 # ---- the whole fact-checking report -------------------------------------------------------
 
+def _first_setting(per_relation: pd.DataFrame) -> pd.DataFrame:
+    if "setting" not in per_relation or per_relation.empty:
+        return per_relation
+    first = per_relation["setting"].iloc[0]
+    return per_relation[per_relation["setting"] == first]
+
+
 FIGURES = ("dkn_layers", "f1_vs_lambda", "roc", "per_relation_f1")
 
 
@@ -349,15 +405,13 @@ def fact_check_report(runs: Sequence[Mapping], out_csv, out_md,
                       figures: Mapping[str, tuple]) -> pd.DataFrame:
     """Table 3 (CSV and Markdown) and the four figures from every (model, language) run.
 
-    Each run: ``{"model", "language", "metrics"`` (the fact_check metrics JSON: threshold,
-    threshold_source, metrics), ``"scores"``, ``"f1_curve"``, ``"per_relation"``,
+    Each run: ``{"model", "language", "metrics"`` (the fact_check metrics JSON: settings,
+    dropped, metrics), ``"scores"``, ``"f1_curve"``, ``"per_relation"``,
     ``"dkn_layers"`` (tables)}. ``figures[name] = (png, svg)`` for each name in FIGURES.
     Returns the table.
     """
-    table = fact_check_table([{"language": run["language"], "model": run["model"],
-                               "metrics": run["metrics"]["metrics"],
-                               "threshold_source": run["metrics"]["threshold_source"]}
-                              for run in runs])
+    table = fact_check_table([row for run in runs for row in fact_check_rows(
+        run["model"], run["language"], run["metrics"])])
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out_md) as tmp:
@@ -369,12 +423,15 @@ def fact_check_report(runs: Sequence[Mapping], out_csv, out_md,
               for run in runs if len(run["dkn_layers"])]
     plot_dkn_layers(pd.concat(layers, ignore_index=True) if layers else pd.DataFrame(
         columns=["model", "language", "layer", "count"]), *figures["dkn_layers"])
-    chosen = {key(run): (math.nan if run["metrics"]["threshold"] is None
-                         else float(run["metrics"]["threshold"])) for run in runs}
+    chosen = {key(run): {s["setting"]: (math.nan if s["threshold"] is None
+                                        else float(s["threshold"]))
+                         for s in run["metrics"]["settings"]} for run in runs}
     plot_f1_vs_lambda({key(run): run["f1_curve"] for run in runs}, chosen,
                       *figures["f1_vs_lambda"])
     plot_roc({key(run): run["scores"] for run in runs}, *figures["roc"])
-    per_relation = [run["per_relation"].assign(model=run["model"], language=run["language"])
+    # per relation: at the first λ setting (config order), all relations
+    per_relation = [_first_setting(run["per_relation"]).assign(model=run["model"],
+                                                               language=run["language"])
                     for run in runs]
     plot_per_relation_f1(pd.concat(per_relation, ignore_index=True) if per_relation
                          else pd.DataFrame(), *figures["per_relation_f1"])

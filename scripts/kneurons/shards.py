@@ -21,7 +21,7 @@ from .attribution import attribute
 from .checkpoint import Checkpoint
 from .models import LanguageModel
 from .queries import encode_query
-from .records import top_neurons, write_shard
+from .records import SCORE_DTYPE, top_neurons, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ def shard_of(facts: pd.DataFrame, shard: int, n_shards: int) -> pd.DataFrame:
 
 def attributable(lm: LanguageModel, facts: pd.DataFrame, method: str) -> pd.Series:
     """Which facts ``method`` can attribute: AMIG needs at least one query token to replace,
-    which a causal model lacks when the template starts with ``[Y]`` (e.g. P1923)."""
+    which a causal model lacks when the template starts with ``[Y]`` (e.g. P1923). The others
+    get no records, so fact checking scores both methods without them and counts them
+    (:func:`kneurons.factcheck.dropped_facts`)."""
     if method != "amig" or lm.arch != "causal":
         return pd.Series(True, index=facts.index)
     return ~facts["template"].str.lstrip().str.startswith("[Y]")
@@ -122,7 +124,7 @@ def _records(rows: pd.DataFrame, queries: Sequence, results: Sequence, keep_top:
     out["top_neurons"] = [top[1].tolist() for top in tops]
     out["top_scores"] = [top[2].tolist() for top in tops]
     out["scores"] = [
-        result.scores.astype(np.float16).tobytes() if checked else None
+        result.scores.astype(SCORE_DTYPE).tobytes() if checked else None
         for result, checked in zip(results, out["checked"])
     ]
     return out

@@ -7,9 +7,9 @@ from pathlib import Path
 VERSIONS = {
     "data": 1,
     "toy": 2,  # = kneurons.toy.TOY_VERSION
-    "attribution": 1,
-    "dkn": 1,
-    "factcheck": 1,
+    "attribution": 2,  # 2: scores stored as float32
+    "dkn": 2,  # 2: calibration facts excluded; neurons.dkn_count
+    "factcheck": 2,  # 2: λ settings, both populations, dropped facts counted
     "likn": 2,
 }
 
@@ -126,6 +126,21 @@ def expand_pairs(pattern):
     return [
         pattern.format(model=alias, lang=lang) for alias, lang in model_lang_pairs()
     ]
+
+
+# ---- neurons ----------------------------------------------------------------------------
+
+
+def kn_threshold_of(wildcards):
+    """τ of the job's language: neurons.kn_threshold is a number or a map language -> number."""
+    value = config["neurons"]["kn_threshold"]
+    if not isinstance(value, dict):
+        return value
+    if wildcards.lang not in value:
+        raise ValueError(
+            f"config: neurons.kn_threshold has no value for language {wildcards.lang!r}"
+        )
+    return value[wildcards.lang]
 
 
 # ---- language-independent knowledge neurons (models with several languages) --------------

@@ -12,6 +12,7 @@ rule fact_check:
             shard=SHARDS,
         ),
         dkn="results/neurons/{model}/{lang}/dkn_by_relation.json",
+        facts="results/data/facts/{lang}/evaluation.parquet",
     output:
         metrics="results/factcheck/{model}/{lang}/metrics.json",
         scores="results/factcheck/{model}/{lang}/scores.parquet",
@@ -24,7 +25,7 @@ rule fact_check:
     conda:
         "../../envs/report.yaml"
     params:
-        threshold=config["factcheck"]["threshold"],
+        thresholds=config["factcheck"]["thresholds"],
         version=VERSIONS["factcheck"],
     script:
         "../../scripts/fact_check.py"

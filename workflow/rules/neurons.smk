@@ -21,7 +21,7 @@ rule detect_dkn:
         runtime=120,
     params:
         model=model_params,
-        kn_threshold=config["neurons"]["kn_threshold"],
+        kn_threshold=kn_threshold_of,
         max_kn=config["neurons"]["max_kn"],
         single_drop=config["neurons"]["dkn_single_drop"],
         pair_drop=config["neurons"]["dkn_pair_drop"],
@@ -32,10 +32,11 @@ rule detect_dkn:
 
 rule aggregate_dkn:
     input:
-        lambda wildcards: expand(
+        dkn=lambda wildcards: expand(
             "results/neurons/{{model}}/{{lang}}/dkn/shard-{shard}.parquet",
             shard=SHARDS,
         ),
+        facts="results/data/facts/{lang}/discovery.parquet",
     output:
         dkn="results/neurons/{model}/{lang}/dkn_by_relation.json",
         stats="results/neurons/{model}/{lang}/neuron_stats.csv",
@@ -47,6 +48,7 @@ rule aggregate_dkn:
         "../../envs/torch.yaml"
     params:
         relation_threshold=config["neurons"]["relation_threshold"],
+        dkn_count=config["neurons"]["dkn_count"],
         version=VERSIONS["dkn"],
     script:
         "../../scripts/aggregate_dkn.py"
