@@ -128,6 +128,11 @@ def test_find_likn_reads_true_records_through_the_kn_rule():
     table, _, _ = find_likn({"en": en, "zh": zh}, kn_threshold=0.2, max_kn=1, seed=0)
     # max_kn = 1: en (0, 4) and zh (1, 5) no longer overlap
     assert table.set_index("uuid").query("kind == 'fact'").at["a", "n_likn"] == 0
+    # τ per language: en 0.6 keeps only (0, 4); zh 0.2 keeps (1, 5) and (0, 4)
+    table, _, _ = find_likn({"en": en, "zh": zh}, kn_threshold={"en": 0.6, "zh": 0.2},
+                            max_kn=20, seed=0)
+    facts = table[table["kind"] == "fact"].set_index("uuid")
+    assert list(zip(facts.at["a", "likn_layers"], facts.at["a", "likn_neurons"])) == [(0, 4)]
     bad = zh.assign(relation=["P9", "P2"])
     with pytest.raises(ValueError, match="different relations"):
         find_likn({"en": en, "zh": bad}, 0.2, 20, 0)

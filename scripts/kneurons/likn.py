@@ -232,11 +232,15 @@ def likn_layer_counts(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["languages", "kind", "layer", "n_likn"])
 
 
-def find_likn(records: Mapping[str, pd.DataFrame], kn_threshold: float, max_kn: int,
-              seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def find_likn(records: Mapping[str, pd.DataFrame], kn_threshold: float | Mapping[str, float],
+              max_kn: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The LIKN table, its statistics and layer counts from each language's attribution
-    records (``records[lang]``, the discovery shards of one model)."""
-    kn = {lang: knowledge_neurons_by_fact(table, kn_threshold, max_kn)
+    records (``records[lang]``, the discovery shards of one model). ``kn_threshold``: one τ
+    for every language, or a map language -> τ (the authors use 0.3 for en, 0.2 for zh)."""
+    def tau(lang: str) -> float:
+        return kn_threshold[lang] if isinstance(kn_threshold, Mapping) else kn_threshold
+
+    kn = {lang: knowledge_neurons_by_fact(table, tau(lang), max_kn)
           for lang, table in records.items()}
     relations: dict[str, str] = {}
     for table in records.values():

@@ -131,16 +131,24 @@ def expand_pairs(pattern):
 # ---- neurons ----------------------------------------------------------------------------
 
 
-def kn_threshold_of(wildcards):
-    """τ of the job's language: neurons.kn_threshold is a number or a map language -> number."""
+def kn_threshold_in(lang):
+    """τ of ``lang``: neurons.kn_threshold is a number or a map language -> number."""
     value = config["neurons"]["kn_threshold"]
     if not isinstance(value, dict):
         return value
-    if wildcards.lang not in value:
-        raise ValueError(
-            f"config: neurons.kn_threshold has no value for language {wildcards.lang!r}"
-        )
-    return value[wildcards.lang]
+    if lang not in value:
+        raise ValueError(f"config: neurons.kn_threshold has no value for language {lang!r}")
+    return value[lang]
+
+
+def kn_threshold_of(wildcards):
+    """τ of the job's language."""
+    return kn_threshold_in(wildcards.lang)
+
+
+def kn_thresholds_of_model(wildcards):
+    """{language: τ} for each of the job's model's languages."""
+    return {lang: kn_threshold_in(lang) for lang in model_languages(wildcards.model)}
 
 
 # ---- language-independent knowledge neurons (models with several languages) --------------

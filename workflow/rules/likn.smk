@@ -16,7 +16,7 @@ rule find_likn:
         "../../envs/torch.yaml"
     params:
         languages=likn_languages,
-        kn_threshold=config["neurons"]["kn_threshold"],
+        kn_threshold=kn_thresholds_of_model,
         max_kn=config["neurons"]["max_kn"],
         seed=config["seed"],
         version=VERSIONS["likn"],
