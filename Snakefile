@@ -19,6 +19,7 @@ include: "workflow/rules/neurons.smk"
 include: "workflow/rules/factcheck.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/likn.smk"
+include: "workflow/rules/localization.smk"
 
 
 rule all:

@@ -208,3 +208,20 @@ def test_localize_on_a_tiny_model(lm, tmp_path, monkeypatch):
     monkeypatch.setattr(loc, "attribute", lambda *a, **k: pytest.fail("attributed again"))
     again = loc.localize(lm, facts, records, checkpoint_path=tmp_path / "ck", **kw)
     pd.testing.assert_frame_equal(again, table)
+    # the report: tables, Markdown and figures (and "no data" when there are no runs)
+    from kneurons.localization_report import FIGURES, localization_report
+
+    for runs, folder in (({"tiny/en": table}, tmp_path / "report"), ({}, tmp_path / "empty")):
+        figures = {n: (folder / f"{n}.png", folder / f"{n}.svg") for n in FIGURES}
+        stats, paired, complete = localization_report(
+            runs, folder / "s.csv", folder / "p.csv", folder / "c.csv", folder / "l.md", figures)
+        for png, svg in figures.values():
+            assert png.read_bytes()[:4] == b"\x89PNG" and svg.stat().st_size > 0
+        md = (folder / "l.md").read_text()
+        if runs:
+            assert len(stats) == 36 and (stats["model"] == "tiny").all()
+            assert len(pd.read_csv(folder / "s.csv")) == 36
+            assert "## tiny / en (3 facts)" in md and "| amig | KN | erase | fact | 3 |" in md
+            assert set(complete["method"]) == {"amig", "ig"} and len(paired) == 18
+        else:
+            assert "No data." in md and stats.empty

@@ -432,3 +432,26 @@ def _table(rows: list[dict]) -> pd.DataFrame:
         table[column] = table[column].astype(bool)
     table["n_neurons"] = table["n_neurons"].astype(np.int64)
     return table
+
+
+def localize_to(lm: LanguageModel, facts: pd.DataFrame, shards: Sequence, output, *,
+                run_method: str, **options) -> pd.DataFrame:
+    """:func:`localize` of one language with the run's discovery ``shards`` (paths), written
+    to ``output`` (parquet, atomically), resumably through ``<output>.checkpoint``, which is
+    removed once the output is written."""
+    import shutil
+    from pathlib import Path
+
+    from .io import write_parquet
+    from .records import read_shards
+
+    records, metadata = read_shards(shards)
+    if metadata.get("method") != run_method:
+        raise ValueError(f"the shards were attributed with {metadata.get('method')!r}, "
+                         f"not {run_method!r}")
+    folder = Path(str(output) + ".checkpoint")
+    table = localize(lm, facts, records, run_method=run_method, checkpoint_path=folder,
+                     **options)
+    write_parquet(table, output)
+    shutil.rmtree(folder, ignore_errors=True)
+    return table

@@ -11,6 +11,7 @@ VERSIONS = {
     "dkn": 1,
     "factcheck": 1,
     "likn": 2,
+    "localization": 1,
 }
 
 LANGUAGES = list(config["mlama"]["languages"])
@@ -168,6 +169,11 @@ def final_outputs():
         "results/reports/fact_check.md",
         *expand_pairs("results/neurons/{model}/{lang}/neuron_stats.csv"),
         *likn_outputs(),
+        *(
+            ["results/reports/localization.csv", "results/reports/localization.md"]
+            if config["localization"]["sample"] > 0
+            else []
+        ),
         *[
             f"results/models/{alias}/train_metrics.json"
             for alias, spec in MODELS.items()

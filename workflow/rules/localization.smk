@@ -1,0 +1,99 @@
+# Stage 7: the localization evaluation. Are they knowledge neurons? Erase and enhance the KN that
+# AMIG and IG find for a seeded sample of discovery facts, against random and activation
+# controls (kneurons.localization), and its report.
+
+
+def localization_shards(wildcards):
+    return [
+        f"results/attribution/{wildcards.model}/{wildcards.lang}/discovery/shard-{shard}.parquet"
+        for shard in SHARDS
+    ]
+
+
+def localization_kn_threshold(wildcards):
+    """neurons.kn_threshold: one number, or a map language -> number."""
+    value = config["neurons"]["kn_threshold"]
+    return value[wildcards.lang] if isinstance(value, dict) else value
+
+
+rule localize_neurons:
+    input:
+        facts="results/data/facts/{lang}/discovery.parquet",
+        shards=localization_shards,
+        model=model_input,
+    output:
+        "results/localization/{model}/{lang}/localization.parquet",
+    log:
+        "logs/localization/{model}/{lang}/localize_neurons.log",
+    benchmark:
+        "benchmarks/runs/localization/{model}/{lang}/localize_neurons.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        model=model_params,
+        method=config["attribution"]["method"],
+        steps=config["attribution"]["steps"],
+        quadrature=config["attribution"]["quadrature"],
+        kn_threshold=localization_kn_threshold,
+        max_kn=config["neurons"]["max_kn"],
+        sample=config["localization"]["sample"],
+        related_facts=config["localization"]["related_facts"],
+        unrelated_facts=config["localization"]["unrelated_facts"],
+        enhance_factor=config["localization"]["enhance_factor"],
+        seed=config["seed"],
+        version=VERSIONS["localization"],
+    script:
+        "../../scripts/localize_neurons.py"
+
+
+rule report_localization:
+    input:
+        tables=expand_pairs("results/localization/{model}/{lang}/localization.parquet"),
+    output:
+        csv=report(
+            "results/reports/localization.csv",
+            caption="../report/localization.rst",
+            category="Localization: erase and enhance",
+        ),
+        paired_csv=report(
+            "results/reports/localization_paired.csv",
+            caption="../report/localization_paired.rst",
+            category="Localization: erase and enhance",
+        ),
+        completeness_csv=report(
+            "results/reports/localization_completeness.csv",
+            caption="../report/localization_completeness.rst",
+            category="Localization: erase and enhance",
+        ),
+        md=report(
+            "results/reports/localization.md",
+            caption="../report/localization.rst",
+            category="Localization: erase and enhance",
+        ),
+        localization_change_png=report(
+            "results/reports/figures/localization_change.png",
+            caption="../report/localization_change.rst",
+            category="Localization: erase and enhance",
+        ),
+        localization_change_svg="results/reports/figures/localization_change.svg",
+        localization_layers_png=report(
+            "results/reports/figures/localization_layers.png",
+            caption="../report/localization_layers.rst",
+            category="Localization: erase and enhance",
+        ),
+        localization_layers_svg="results/reports/figures/localization_layers.svg",
+    log:
+        "logs/report/report_localization.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    params:
+        pairs=[f"{model}/{lang}" for model, lang in model_lang_pairs()],
+        version=VERSIONS["localization"],
+    script:
+        "../../scripts/report_localization.py"
