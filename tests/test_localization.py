@@ -225,3 +225,65 @@ def test_localize_on_a_tiny_model(lm, tmp_path, monkeypatch):
             assert set(complete["method"]) == {"amig", "ig"} and len(paired) == 18
         else:
             assert "No data." in md and stats.empty
+
+
+# ---- the rules --------------------------------------------------------------------------------
+
+def test_dry_run_plans_one_job_per_model_and_language_and_sample_0_turns_it_off(tmp_path):
+    import yaml
+    from test_workflow_static import REPO, job_counts, snakemake
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    pairs = sum(len(spec["languages"]) for spec in config["models"].values())
+    result = snakemake("-n", "--forceall", "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["localize_neurons"] == pairs and counts["report_localization"] == 1
+    config["localization"]["sample"] = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    counts = job_counts(snakemake("-n", "--forceall", "--cores", "1", "--configfile",
+                                  str(path)).stdout)
+    assert "localize_neurons" not in counts and "report_localization" not in counts
+    config["localization"]["samples"] = 3  # unknown keys are rejected by name
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake("-n", "--cores", "1", "--configfile", str(path))
+    assert result.returncode != 0 and "samples" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_the_stage_in_a_workflow_run_and_what_its_config_reruns(tmp_path):
+    import json
+
+    from test_workflow import TINY_TOY, planned, run_workflow, tiny_config
+
+    config = tiny_config()
+    config["mlama"]["relations"] = ["P36", "P37"]
+    config["toy"] = dict(TINY_TOY)
+    config["attribution"].update(steps=3, shards=2)
+    config["localization"].update(sample=4)
+    until = ("--until", "report_localization")
+    run_workflow(tmp_path, config, *until)
+    reports = tmp_path / "results" / "reports"
+    stats = pd.read_csv(reports / "localization.csv")
+    assert set(zip(stats["model"], stats["language"])) == {
+        (m, lang) for m in ("toy-bert", "toy-gpt") for lang in ("en", "zh")}
+    assert set(stats["method"]) == {"amig", "ig"} and (stats["n_facts"] == 4).all()
+    assert "## toy-bert / en (4 facts)" in (reports / "localization.md").read_text()
+    for name in ("localization_change", "localization_layers"):
+        assert (reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "results" / "localization").rglob("*.checkpoint"))
+    for change, expected in [
+        (lambda c: c, {}),
+        (lambda c: c["localization"].update(enhance_factor=3.0),
+         {"localize_neurons": 4, "report_localization": 1}),
+        (lambda c: c["localization"].update(unrelated_facts=1),
+         {"localize_neurons": 4, "report_localization": 1}),
+        (lambda c: c["neurons"].update(kn_threshold=0.3),
+         {"localize_neurons": 4, "report_localization": 1}),
+        (lambda c: c["neurons"].update(relation_threshold=0.5), {}),
+        (lambda c: c["likn"].update(edit_sample=3), {}),
+    ]:
+        changed = json.loads(json.dumps(config))
+        change(changed)
+        assert planned(tmp_path, changed, *until) == expected
