@@ -18,4 +18,5 @@ localize_to(
     sample=params.sample, n_related=params.related_facts, n_unrelated=params.unrelated_facts,
     enhance_factor=params.enhance_factor, steps=params.steps, quadrature=params.quadrature,
     seed=params.seed, batch_facts=snakemake.resources.get("batch_facts", 4),
+    batch_rows=snakemake.resources.get("batch_rows", 32),
     identity=params.model, progress=progress)

@@ -320,17 +320,18 @@ def _fingerprint(uuids: Sequence[str], options: dict) -> str:
 def _fact_rows(lm: LanguageModel, fact_uuid: str, query: EncodedQuery,
                targets: list[tuple[str, str, str, EncodedQuery]],
                sets: dict[tuple[str, str], list[Neuron]], complete: dict[str, dict],
-               enhance_factor: float, relation: str) -> list[dict]:
+               enhance_factor: float, relation: str, batch_rows: int) -> list[dict]:
     """Score every (set, operation, target) of one fact; ``targets``: (group, uuid,
     relation, query), the fact itself first."""
     tq = [t[3] for t in targets]
-    base = scoring.score(lm, tq)
+    base = scoring.score(lm, tq, batch_size=batch_rows)
     plan = []  # (method, set, operation, factor, intervention)
     for (method, name), neurons in sets.items():
         plan.append((method, name, "erase", 0.0, scoring.erase(neurons)))
         plan.append((method, name, "enhance", enhance_factor,
                      scoring.enhance(neurons, enhance_factor)))
-    after = scoring.score(lm, tq * len(plan), [iv for *_, iv in plan for _ in tq])
+    after = scoring.score(lm, tq * len(plan), [iv for *_, iv in plan for _ in tq],
+                          batch_size=batch_rows)
     rows = []
     for k, (method, name, op, factor, iv) in enumerate(plan):
         neurons = sets[(method, name)]
@@ -350,13 +351,14 @@ def _fact_rows(lm: LanguageModel, fact_uuid: str, query: EncodedQuery,
 def localize(lm: LanguageModel, facts: pd.DataFrame, records: pd.DataFrame, *,
              run_method: str, kn_threshold: float, max_kn: int, sample: int, n_related: int,
              n_unrelated: int, enhance_factor: float, steps: int, quadrature: str, seed: int,
-             batch_facts: int = 4, checkpoint_path=None, identity: dict | None = None,
-             progress: TextIO | None = None) -> pd.DataFrame:
+             batch_facts: int = 4, batch_rows: int = 32, checkpoint_path=None,
+             identity: dict | None = None, progress: TextIO | None = None) -> pd.DataFrame:
     """The localization table (ROW_COLUMNS) of a sample of ``facts`` (one language's discovery
     facts); ``records``: the run's attribution records of these facts by ``run_method``.
 
     Resumable: with ``checkpoint_path``, every ``batch_facts`` facts are appended to a
-    :class:`~kneurons.checkpoint.Checkpoint` there, and facts already there are skipped."""
+    :class:`~kneurons.checkpoint.Checkpoint` there, and facts already there are skipped.
+    ``batch_rows``: scored rows per forward (the model computes logits [rows, seq, vocab])."""
     if run_method not in METHODS:
         raise ValueError(f"run_method must be one of {METHODS}, got {run_method!r}")
     other = next(m for m in METHODS if m != run_method)
@@ -410,7 +412,7 @@ def localize(lm: LanguageModel, facts: pd.DataFrame, records: pd.DataFrame, *,
             targets += [("related", v, relation_of[v], encode(v)) for v in related]
             targets += [("unrelated", v, relation_of[v], encode(v)) for v in unrelated]
             rows += _fact_rows(lm, u, q, targets, sets, complete, enhance_factor,
-                               relation_of[u])
+                               relation_of[u], batch_rows)
         chunk = _table(rows)
         if checkpoint is not None:
             checkpoint.append(chunk)
