@@ -3,23 +3,13 @@
 # controls (kneurons.localization), and its report.
 
 
-def localization_shards(wildcards):
-    return [
-        f"results/attribution/{wildcards.model}/{wildcards.lang}/discovery/shard-{shard}.parquet"
-        for shard in SHARDS
-    ]
-
-
-def localization_kn_threshold(wildcards):
-    """neurons.kn_threshold: one number, or a map language -> number."""
-    value = config["neurons"]["kn_threshold"]
-    return value[wildcards.lang] if isinstance(value, dict) else value
-
-
 rule localize_neurons:
     input:
         facts="results/data/facts/{lang}/discovery.parquet",
-        shards=localization_shards,
+        shards=expand(
+            "results/attribution/{{model}}/{{lang}}/discovery/shard-{shard}.parquet",
+            shard=SHARDS,
+        ),
         model=model_input,
     output:
         "results/localization/{model}/{lang}/localization.parquet",
@@ -39,7 +29,12 @@ rule localize_neurons:
         method=config["attribution"]["method"],
         steps=config["attribution"]["steps"],
         quadrature=config["attribution"]["quadrature"],
-        kn_threshold=localization_kn_threshold,
+        # neurons.kn_threshold: one number, or a map language -> number
+        kn_threshold=lambda w: (
+            config["neurons"]["kn_threshold"][w.lang]
+            if isinstance(config["neurons"]["kn_threshold"], dict)
+            else config["neurons"]["kn_threshold"]
+        ),
         max_kn=config["neurons"]["max_kn"],
         sample=config["localization"]["sample"],
         related_facts=config["localization"]["related_facts"],
