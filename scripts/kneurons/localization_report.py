@@ -33,6 +33,12 @@ def _stack(runs: Mapping[str, pd.DataFrame], fn) -> pd.DataFrame:
     return out[["model", "language"] + [c for c in out.columns if c not in ("model", "language")]]
 
 
+def _of(table: pd.DataFrame, model: str, lang: str) -> pd.DataFrame:
+    if table.empty:
+        return table
+    return table[(table["model"] == model) & (table["language"] == lang)]
+
+
 def _num(value, fmt: str = "{:+.2f}") -> str:
     return "n/a" if value is None or pd.isna(value) else fmt.format(value)
 
@@ -50,7 +56,7 @@ def localization_markdown(stats: pd.DataFrame, paired: pd.DataFrame,
     if not pairs:
         out += ["No data.", ""]
     for model, lang in pairs:
-        mine = stats[(stats["model"] == model) & (stats["language"] == lang)]
+        mine = _of(stats, model, lang)
         facts = int(mine["n_facts"].max()) if len(mine) else 0
         out += [f"## {model} / {lang} ({facts} facts)", "",
                 "| Method | Neurons | Intervention | Target | n | Mean size | Median [Q1, Q3] "
@@ -62,25 +68,21 @@ def localization_markdown(stats: pd.DataFrame, paired: pd.DataFrame,
                 f"[{_num(r.q1_rel_change)}, {_num(r.q3_rel_change)}] | "
                 f"{_num(r.iqr_rel_change, '{:.2f}')} | {_num(100 * r.share_halved, '{:.0f}')} | "
                 f"{_num(100 * r.top1_before, '{:.0f}')} -> {_num(100 * r.top1_after, '{:.0f}')} |")
-        pr = paired[(paired["model"] == model) & (paired["language"] == lang)] \
-            if len(paired) else paired
         out += ["", "AMIG vs IG over the same facts (per fact the mean relative change; "
                 "difference AMIG - IG; Wilcoxon signed-rank, two-sided):", "",
                 "| Neurons | Intervention | Target | Pairs | Non-zero | Median AMIG | Median IG "
                 "| Median diff. | W | p | Note |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in pr.itertuples(index=False):
+        for r in _of(paired, model, lang).itertuples(index=False):
             out.append(f"| {SET_LABELS.get(r.neuron_set, r.neuron_set)} | {r.operation} | "
                        f"{r.target} | {r.n_pairs} | {r.n_nonzero} | {_num(r.median_amig)} | "
                        f"{_num(r.median_ig)} | {_num(r.median_difference)} | "
                        f"{_num(r.statistic, '{:g}')} | {_num(r.p_value, '{:.3g}')} | {r.note} |")
-        cm = complete[(complete["model"] == model) & (complete["language"] == lang)] \
-            if len(complete) else complete
         out += ["", "Completeness of each method's attribution on the sample (relative error "
                 "sum_l |sum_j score_lj - gap_l| / sum_l |gap_l|; near 1: the scores do not "
                 "account for the probability gap, e.g. zero-baseline IG behind an RMSNorm):", "",
                 "| Method | Facts | Known | Median rel. error | IQR | Median gap | "
                 "Median score sum |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in cm.itertuples(index=False):
+        for r in _of(complete, model, lang).itertuples(index=False):
             out.append(f"| {r.method} | {r.n_facts} | {r.n_known} | "
                        f"{_num(r.median_rel_error, '{:.3g}')} | {_num(r.iqr_rel_error, '{:.3g}')} "
                        f"| {_num(r.median_gap_total, '{:.3g}')} | "
