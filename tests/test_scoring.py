@@ -157,3 +157,24 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="op must be"):
         scoring.Intervention(((0, 1),), "double")
     assert scoring.Intervention(((0, 1), (0, 1), (1, 2))).neurons == ((0, 1), (1, 2))
+
+
+def test_the_head_runs_only_at_the_object_positions_and_gives_the_same_scores(model, monkeypatch):
+    kind, lm = model
+    queries = queries_of(lm, kind)
+    ivs = [scoring.erase([(0, 3)]), scoring.NONE, scoring.enhance([(1, 2)])]
+    head = lm.model.get_output_embeddings()
+    shapes = []
+    handle = head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    try:
+        sliced = scoring.score(lm, queries, ivs)
+    finally:
+        handle.remove()
+    width = max(len(q.target_positions) for q in queries)
+    assert shapes == [(3, width, head.out_features)]  # not [3, seq, vocab]
+    assert not head._forward_pre_hooks
+    monkeypatch.setattr(type(lm.model), "get_output_embeddings", lambda self: None)
+    full = scoring.score(lm, queries, ivs)
+    for a, b in zip(sliced.token_probs, full.token_probs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert (sliced.top1 == full.top1).all()

@@ -28,7 +28,8 @@ this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,6 +94,34 @@ def _row_edits(row: int, query: EncodedQuery, intervention: Intervention) -> lis
             for layer, neurons in sorted(by_layer.items())]
 
 
+@contextlib.contextmanager
+def _head_at(lm: LanguageModel, at: torch.Tensor) -> Iterator[list[bool]]:
+    """Run the LM head (the output embeddings) only at positions ``at`` [rows, T] of each
+    row: its input [rows, S, hidden] is gathered to [rows, T, hidden] by a scoped pre-hook, so
+    the logits come out [rows, T, vocab] (the head is most of a forward for large
+    vocabularies). Yields [True] when the hook ran, [False] when the model has no output
+    embeddings module (then the logits are [rows, S, vocab])."""
+    head = lm.model.get_output_embeddings()
+    ran = [False]
+    if head is None:
+        yield ran
+        return
+    rows = torch.arange(at.shape[0], device=at.device)[:, None]  # [rows, 1]
+
+    def pre_hook(mod, args):
+        hidden = args[0]  # [rows, S, hidden]
+        if hidden.dim() != 3 or hidden.shape[0] != at.shape[0]:
+            return None  # not the call we expect: leave it alone
+        ran[0] = True
+        return (hidden[rows, at], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield ran
+    finally:
+        handle.remove()
+
+
 def score(lm: LanguageModel, queries: Sequence[EncodedQuery],
           interventions: Sequence[Intervention] | None = None, *,
           batch_size: int | None = 64) -> Scores:
@@ -110,10 +139,15 @@ def score(lm: LanguageModel, queries: Sequence[EncodedQuery],
         edits = [e for r, (q, iv) in enumerate(zip(chunk, interventions[start:start + bs]))
                  for e in _row_edits(r, q, iv)]
         ids, mask = pad_queries(lm, chunk)  # [rows, S] each
-        with torch.inference_mode(), edit_ffn(lm, edits):
-            logits = lm.model(input_ids=ids, attention_mask=mask).logits  # [rows, S, vocab]
+        width = max(len(q.target_positions) for q in chunk)
+        at = torch.zeros((len(chunk), width), dtype=torch.long, device=lm.device)  # [rows, T]
         for r, q in enumerate(chunk):
-            pos = torch.as_tensor(q.target_positions, device=logits.device)
+            at[r, : len(q.target_positions)] = torch.as_tensor(q.target_positions)
+        with torch.inference_mode(), edit_ffn(lm, edits), _head_at(lm, at) as sliced:
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits  # [rows, S or T, V]
+        for r, q in enumerate(chunk):
+            pos = (torch.arange(len(q.target_positions), device=logits.device) if sliced[0]
+                   else torch.as_tensor(q.target_positions, device=logits.device))
             tgt = torch.as_tensor(q.target_ids, device=logits.device)
             row = logits[r, pos].float()  # [n_targets, vocab]
             p = torch.softmax(row, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # [n_targets]
