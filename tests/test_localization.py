@@ -287,3 +287,46 @@ def test_the_stage_in_a_workflow_run_and_what_its_config_reruns(tmp_path):
         changed = json.loads(json.dumps(config))
         change(changed)
         assert planned(tmp_path, changed, *until) == expected
+
+
+def test_a_neuron_built_to_write_the_object_is_found_and_erasing_it_removes_the_fact(tiny_gpt2):
+    # last-layer neuron 7 fires with a constant 3.0 (bias only) and writes 20 x the output
+    # embedding of the object's first token: IG must find it and erasing it must remove the
+    # fact, while random neurons of the same layer do not; AMIG gives it 0 (its activation is
+    # the same for every baseline, so a - a' = 0): a query-independent neuron is no KN for AMIG
+    import copy
+
+    import torch
+
+    from kneurons.models import wrap_model
+
+    lm = wrap_model(copy.deepcopy(tiny_gpt2.model), tiny_gpt2.tokenizer, "causal")
+    template = "The capital of [X] is [Y] ."
+    facts = pd.DataFrame([dict(uuid=u, lineid=i, relation=r, template=template, sub_label=s,
+                               obj_label=o, obj_uri=f"Q{i}", wrong_obj_label="Kenya",
+                               wrong_obj_uri="Q0", calibration=False)
+                          for u, i, r, s, o in [("p", 1, "P36", "France", "Paris"),
+                                                ("b", 2, "P36", "Germany", "Berlin"),
+                                                ("s", 3, "P37", "Tanzania", "Swahili")]])
+    query = encode_query(lm, template, "France", "Paris")
+    layer, neuron = lm.n_layers - 1, 7
+    mlp = lm.model.transformer.h[layer].mlp
+    with torch.no_grad():
+        mlp.c_fc.weight[:, neuron] = 0.0
+        mlp.c_fc.bias[neuron] = 3.0
+        mlp.c_proj.weight[neuron, :] = 20.0 * lm.model.lm_head.weight[query.target_ids[0]]
+    records = attribute_candidates(lm, candidate_table(facts, "discovery"), method="ig",
+                                   steps=8, quadrature="riemann", keep_top=30)
+    table = loc.localize(lm, facts, records, run_method="ig", kn_threshold=0.2, max_kn=5,
+                         sample=3, n_related=1, n_unrelated=1, enhance_factor=2.0, steps=8,
+                         quadrature="riemann", seed=0)
+    rows = table[(table["uuid"] == "p") & (table["target"] == "fact")
+                 & (table["operation"] == "erase")].set_index(["method", "neuron_set"])
+    ig_kn = list(zip(rows.loc[("ig", "kn"), "layers"], rows.loc[("ig", "kn"), "neurons"]))
+    assert ig_kn[0] == (layer, neuron)
+    assert rows.loc[("ig", "kn"), "rel_change"] < -0.5
+    assert abs(rows.loc[("ig", "random"), "rel_change"]) < 0.2
+    amig_kn = set(zip(rows.loc[("amig", "kn"), "layers"], rows.loc[("amig", "kn"), "neurons"]))
+    assert (layer, neuron) not in amig_kn
+    amig = attribute(lm, [query], method="amig", steps=8)[0].scores
+    assert amig[layer, neuron] == 0.0
