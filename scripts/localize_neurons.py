@@ -12,11 +12,14 @@ torch.set_num_threads(snakemake.threads)
 params = snakemake.params
 lm = load_model(params.model["source"], params.model["arch"], revision=params.model["revision"],
                 trust_remote_code=params.model["trust_remote_code"], device=pick_device())
+attribution, stage = params.attribution, params.localization
 localize_to(
     lm, pd.read_parquet(snakemake.input.facts), snakemake.input.shards, snakemake.output[0],
-    run_method=params.method, kn_threshold=float(params.kn_threshold), max_kn=params.max_kn,
-    sample=params.sample, n_related=params.related_facts, n_unrelated=params.unrelated_facts,
-    enhance_factor=params.enhance_factor, steps=params.steps, quadrature=params.quadrature,
-    seed=params.seed, batch_facts=snakemake.resources.get("batch_facts", 4),
-    batch_rows=snakemake.resources.get("batch_rows", 32),
-    identity=params.model, progress=progress)
+    run_method=attribution["method"], steps=attribution["steps"],
+    quadrature=attribution["quadrature"], kn_threshold=float(params.neurons["kn_threshold"]),
+    max_kn=params.neurons["max_kn"], sample=stage["sample"],
+    n_related=stage["related_facts"], n_unrelated=stage["unrelated_facts"],
+    enhance_factor=stage["enhance_factor"], seed=params.seed,
+    batch_facts=snakemake.resources.get("batch_facts", 4),
+    batch_rows=snakemake.resources.get("batch_rows", 32), identity=params.model,
+    progress=progress)

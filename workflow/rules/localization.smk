@@ -25,21 +25,29 @@ rule localize_neurons:
         mem_mb=8000,
         runtime=120,
     params:
+        # grouped in dicts: Snakemake compares a job's params as a set of values without
+        # their names, so two plain params could swap or collide unseen
         model=model_params,
-        method=config["attribution"]["method"],
-        steps=config["attribution"]["steps"],
-        quadrature=config["attribution"]["quadrature"],
+        attribution={
+            "method": config["attribution"]["method"],
+            "steps": config["attribution"]["steps"],
+            "quadrature": config["attribution"]["quadrature"],
+        },
         # neurons.kn_threshold: one number, or a map language -> number
-        kn_threshold=lambda w: (
-            config["neurons"]["kn_threshold"][w.lang]
-            if isinstance(config["neurons"]["kn_threshold"], dict)
-            else config["neurons"]["kn_threshold"]
-        ),
-        max_kn=config["neurons"]["max_kn"],
-        sample=config["localization"]["sample"],
-        related_facts=config["localization"]["related_facts"],
-        unrelated_facts=config["localization"]["unrelated_facts"],
-        enhance_factor=config["localization"]["enhance_factor"],
+        neurons=lambda w: {
+            "kn_threshold": (
+                config["neurons"]["kn_threshold"][w.lang]
+                if isinstance(config["neurons"]["kn_threshold"], dict)
+                else config["neurons"]["kn_threshold"]
+            ),
+            "max_kn": config["neurons"]["max_kn"],
+        },
+        localization={
+            "sample": config["localization"]["sample"],
+            "related_facts": config["localization"]["related_facts"],
+            "unrelated_facts": config["localization"]["unrelated_facts"],
+            "enhance_factor": config["localization"]["enhance_factor"],
+        },
         seed=config["seed"],
         version=VERSIONS["localization"],
     script:
