@@ -39,7 +39,7 @@ def _of(table: pd.DataFrame, model: str, lang: str) -> pd.DataFrame:
     return table[(table["model"] == model) & (table["language"] == lang)]
 
 
-def _num(value, fmt: str = "{:+.2f}") -> str:
+def _num(value, fmt: str = "{:+.3g}") -> str:
     return "n/a" if value is None or pd.isna(value) else fmt.format(value)
 
 
@@ -66,7 +66,7 @@ def localization_markdown(stats: pd.DataFrame, paired: pd.DataFrame,
                 f"| {r.method} | {SET_LABELS.get(r.neuron_set, r.neuron_set)} | {r.operation} "
                 f"| {r.target} | {r.n} | {r.mean_neurons:.1f} | {_num(r.median_rel_change)} "
                 f"[{_num(r.q1_rel_change)}, {_num(r.q3_rel_change)}] | "
-                f"{_num(r.iqr_rel_change, '{:.2f}')} | {_num(100 * r.share_halved, '{:.0f}')} | "
+                f"{_num(r.iqr_rel_change, '{:.3g}')} | {_num(100 * r.share_halved, '{:.0f}')} | "
                 f"{_num(100 * r.top1_before, '{:.0f}')} -> {_num(100 * r.top1_after, '{:.0f}')} |")
         out += ["", "AMIG vs IG over the same facts (per fact the mean relative change; "
                 "difference AMIG - IG; Wilcoxon signed-rank, two-sided):", "",
