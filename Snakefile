@@ -27,6 +27,7 @@ include: "workflow/rules/neurons.smk"
 include: "workflow/rules/factcheck.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/likn.smk"
+include: "workflow/rules/localization.smk"
 include: "workflow/rules/summary.smk"
 
 

@@ -11,6 +11,7 @@ VERSIONS = {
     "dkn": 2,  # 2: calibration facts excluded; neurons.dkn_count
     "factcheck": 2,  # 2: λ settings, both populations, dropped facts counted
     "likn": 2,
+    "localization": 1,
 }
 
 LANGUAGES = list(config["mlama"]["languages"])
@@ -192,6 +193,11 @@ def final_outputs():
         "results/reports/fact_check.md",
         *expand_pairs("results/neurons/{model}/{lang}/neuron_stats.csv"),
         *likn_outputs(),
+        *(
+            ["results/reports/localization.csv", "results/reports/localization.md"]
+            if config["localization"]["sample"] > 0
+            else []
+        ),
         *[
             f"results/models/{alias}/train_metrics.json"
             for alias, spec in MODELS.items()

@@ -6,6 +6,8 @@ def summary_inputs(wildcards):
     reports = [rules.report_fact_check.output]
     if LIKN_MODELS:
         reports.append(rules.report_likn.output)
+    if config["localization"]["sample"] > 0:
+        reports.append(rules.report_localization.output)
     return {
         "reports": [out.md for out in reports],
         "figures": [

@@ -1,0 +1,169 @@
+"""Score a fact's object under an intervention on FFN neurons: the one scoring path.
+
+"Set some neurons' activations at the object positions (to 0 = erase, x k = enhance, or any
+value) and score the object": the measure behind knowledge-neuron suppression (Dai et al.
+2022), DKN detection, the LIKN erasing experiment and the localization evaluation.
+
+* **Where.** An :class:`Intervention` changes the activation (the input of the FFN output
+  projection, :mod:`kneurons.hooks` site ``"post"``) of its neurons at the object position(s)
+  *of the query it is applied to* (``EncodedQuery.target_positions``: the masks of a masked LM,
+  one per object token; the positions just before each object token of a causal LM, whose
+  input is teacher-forced), in that query's batch row only. Other positions are untouched.
+* **What is scored.** P(object) = the mean over the object's tokens of P(token t) at its
+  position (teacher-forced for causal LMs, one [MASK] per object token for masked LMs, as
+  everywhere in kneurons); top-1 = every object token is the argmax at its position.
+* **Batched.** Rows (query, intervention) of different queries and interventions share a
+  forward: right-padded with an attention mask (:func:`kneurons.queries.pad_queries`), so a
+  row's score does not depend on its companions up to float noise; ``batch_size`` caps the
+  rows per forward (the model computes full logits [rows, seq, vocab]).
+
+The edits are made with :func:`kneurons.hooks.edit_ffn` (scoped hooks, removed in
+``finally``); the model's weights are never touched.
+
+:func:`score` is the general call (one intervention per row); :func:`erased_token_probs` is
+``hooks.suppress_batch`` (one query, many erased sets, per-token probabilities) and
+:func:`score` with ``erase`` sets is ``likn.score_queries``, so those can become thin calls of
+this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .hooks import FFNEdit, edit_ffn
+from .models import LanguageModel
+from .queries import EncodedQuery, pad_queries
+
+Neuron = tuple[int, int]  # (layer, index in the layer's FFN)
+OPS = ("zero", "scale", "set")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """New activations of ``neurons`` at the object positions: ``op="zero"`` (erase: 0),
+    ``"scale"`` (multiply by ``value``, e.g. 2 = enhance), ``"set"`` (set to ``value``).
+    Duplicate neurons count once; no neurons = the unpatched model."""
+
+    neurons: tuple[Neuron, ...] = ()
+    op: Literal["zero", "scale", "set"] = "zero"
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        unique = tuple(dict.fromkeys((int(a), int(b)) for a, b in self.neurons))
+        object.__setattr__(self, "neurons", unique)
+
+
+def erase(neurons: Iterable[Neuron]) -> Intervention:
+    """Activation 0 at the object positions (Dai et al.'s suppression)."""
+    return Intervention(tuple(neurons), "zero", 0.0)
+
+
+def enhance(neurons: Iterable[Neuron], factor: float = 2.0) -> Intervention:
+    """Activation x ``factor`` at the object positions (Dai et al. double it)."""
+    return Intervention(tuple(neurons), "scale", float(factor))
+
+
+NONE = Intervention()
+"""The unpatched model."""
+
+
+@dataclass
+class Scores:
+    """Per row: ``prob`` [n] (mean over object tokens), ``top1`` [n] bool, and
+    ``token_probs`` (per row an array [n_object_tokens])."""
+
+    prob: np.ndarray
+    top1: np.ndarray
+    token_probs: list[np.ndarray] = field(default_factory=list)
+
+
+def _row_edits(row: int, query: EncodedQuery, intervention: Intervention) -> list[FFNEdit]:
+    by_layer: dict[int, list[int]] = {}
+    for layer, neuron in intervention.neurons:
+        by_layer.setdefault(layer, []).append(neuron)
+    return [FFNEdit(layer, neurons, positions=query.target_positions, op=intervention.op,
+                    value=intervention.value, rows=[row])
+            for layer, neurons in sorted(by_layer.items())]
+
+
+@contextlib.contextmanager
+def _head_at(lm: LanguageModel, at: torch.Tensor) -> Iterator[list[bool]]:
+    """Run the LM head (the output embeddings) only at positions ``at`` [rows, T] of each
+    row: its input [rows, S, hidden] is gathered to [rows, T, hidden] by a scoped pre-hook, so
+    the logits come out [rows, T, vocab] (the head is most of a forward for large
+    vocabularies). Yields [True] when the hook ran, [False] when the model has no output
+    embeddings module (then the logits are [rows, S, vocab])."""
+    head = lm.model.get_output_embeddings()
+    ran = [False]
+    if head is None:
+        yield ran
+        return
+    rows = torch.arange(at.shape[0], device=at.device)[:, None]  # [rows, 1]
+
+    def pre_hook(mod, args):
+        hidden = args[0]  # [rows, S, hidden]
+        if hidden.dim() != 3 or hidden.shape[0] != at.shape[0]:
+            return None  # not the call we expect: leave it alone
+        ran[0] = True
+        return (hidden[rows, at], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield ran
+    finally:
+        handle.remove()
+
+
+def score(lm: LanguageModel, queries: Sequence[EncodedQuery],
+          interventions: Sequence[Intervention] | None = None, *,
+          batch_size: int | None = 64) -> Scores:
+    """Score row i = ``queries[i]`` under ``interventions[i]`` (default: none)."""
+    n = len(queries)
+    if interventions is None:
+        interventions = [NONE] * n
+    if len(interventions) != n:
+        raise ValueError(f"{n} queries but {len(interventions)} interventions")
+    prob, top1 = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=bool)
+    token_probs: list[np.ndarray] = []
+    bs = max(n, 1) if batch_size is None else max(1, int(batch_size))
+    for start in range(0, n, bs):
+        chunk = list(queries[start:start + bs])
+        edits = [e for r, (q, iv) in enumerate(zip(chunk, interventions[start:start + bs]))
+                 for e in _row_edits(r, q, iv)]
+        ids, mask = pad_queries(lm, chunk)  # [rows, S] each
+        width = max(len(q.target_positions) for q in chunk)
+        at = torch.zeros((len(chunk), width), dtype=torch.long, device=lm.device)  # [rows, T]
+        for r, q in enumerate(chunk):
+            at[r, : len(q.target_positions)] = torch.as_tensor(q.target_positions)
+        with torch.inference_mode(), edit_ffn(lm, edits), _head_at(lm, at) as sliced:
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits  # [rows, S or T, V]
+        for r, q in enumerate(chunk):
+            pos = (torch.arange(len(q.target_positions), device=logits.device) if sliced[0]
+                   else torch.as_tensor(q.target_positions, device=logits.device))
+            tgt = torch.as_tensor(q.target_ids, device=logits.device)
+            row = logits[r, pos].float()  # [n_targets, vocab]
+            p = torch.softmax(row, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # [n_targets]
+            token_probs.append(p.cpu().numpy().astype(np.float64))
+            prob[start + r] = float(p.mean())
+            top1[start + r] = bool((row.argmax(-1) == tgt).all())
+    return Scores(prob, top1, token_probs)
+
+
+def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
+                       neuron_sets: Sequence[Iterable[Neuron]], *,
+                       batch_size: int | None = 64) -> np.ndarray:
+    """P(object token t) [len(neuron_sets), n_object_tokens] of one query with each set
+    erased (an empty set: unpatched); the measure of ``hooks.suppress_batch``."""
+    result = score(lm, [query] * len(neuron_sets), [erase(s) for s in neuron_sets],
+                   batch_size=batch_size)
+    if not neuron_sets:
+        return np.zeros((0, len(query.target_ids)), dtype=np.float32)
+    return np.stack(result.token_probs).astype(np.float32)

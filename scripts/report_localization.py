@@ -1,0 +1,13 @@
+"""Rule report_localization: the localization tables, Markdown and figures of every run."""
+import pandas as pd
+
+from kneurons.localization_report import FIGURES, localization_report
+from kneurons.logs import configure
+
+configure(snakemake.log[0])
+output = snakemake.output
+runs = {pair: pd.read_parquet(path)
+        for pair, path in zip(snakemake.params.pairs, snakemake.input.tables)}
+figures = {name: (output[f"{name}_png"], output[f"{name}_svg"]) for name in FIGURES}
+localization_report(runs, output.csv, output.paired_csv, output.completeness_csv, output.md,
+                    figures)

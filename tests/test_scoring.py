@@ -1,0 +1,180 @@
+"""kneurons.scoring against direct forward passes with hand-edited weights."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kneurons import scoring
+from kneurons.hooks import suppress_batch
+from kneurons.likn import score_queries
+from kneurons.queries import encode_prompt
+
+PROMPTS = {
+    "bert": [("the capital of tanzania is [MASK] .", "dodoma"),
+             ("the capital of france is [MASK] .", "paris"),
+             ("kili ##man is located in [MASK] .", "tanzania")],
+    "gpt2": [("The capital of Tanzania is [MASK]", "Dodoma"),
+             ("The capital of France is [MASK]", "Paris"),
+             ("Kilimanjaro is located in [MASK]", "Tanzania")],
+}
+PROMPTS["llama"] = PROMPTS["gpt2"]
+
+
+def queries_of(lm, kind):
+    return [encode_prompt(lm, p, t) for p, t in PROMPTS[kind]]
+
+
+def direct(lm, query, weight_edit=None):
+    """P(object) and token probs of one query by a plain forward of a (weight-edited) copy."""
+    model = copy.deepcopy(lm.model)
+    if weight_edit is not None:
+        weight_edit(model)
+    ids = torch.as_tensor([query.input_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]  # [S, vocab]
+    probs = torch.softmax(logits[query.target_positions].float(), -1)  # [T, vocab]
+    p = probs[torch.arange(len(query.target_ids)), query.target_ids].numpy()
+    top1 = bool((logits[query.target_positions].argmax(-1) ==
+                 torch.as_tensor(query.target_ids)).all())
+    return p, top1
+
+
+def scale_value_slots(lm, layer, neurons, factor):
+    """Multiply the weights through which ``neurons`` of ``layer`` write the residual stream
+    (nn.Linear [hidden, d_ff]: columns; GPT-2 Conv1D [d_ff, hidden]: rows)."""
+    def edit(model):
+        blocks = {"bert": lambda m: m.bert.encoder.layer[layer].output.dense,
+                  "gpt2": lambda m: m.transformer.h[layer].mlp.c_proj,
+                  "llama": lambda m: m.model.layers[layer].mlp.down_proj}
+        proj = blocks[lm.spec.model_type](model)
+        with torch.no_grad():
+            if isinstance(proj, nn.Linear):
+                proj.weight[:, neurons] *= factor
+            else:
+                proj.weight[neurons, :] *= factor
+    return edit
+
+
+@pytest.fixture(params=["bert", "gpt2", "llama"])
+def model(request, tiny_bert, tiny_gpt2, tiny_llama):
+    return request.param, {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}[request.param]
+
+
+@pytest.mark.parametrize("factor", [0.0, 2.0, -1.5])
+def test_last_layer_intervention_equals_edited_weights(model, factor):
+    # in the last layer an activation change at the object position reaches only that
+    # position's output, so it equals scaling the neurons' value slots everywhere
+    kind, lm = model
+    layer, neurons = lm.n_layers - 1, [1, 5, 7]
+    queries = queries_of(lm, kind)
+    iv = (scoring.erase([(layer, n) for n in neurons]) if factor == 0 else
+          scoring.enhance([(layer, n) for n in neurons], factor))
+    got = scoring.score(lm, queries, [iv] * len(queries))
+    plain = scoring.score(lm, queries)
+    for i, q in enumerate(queries):
+        want, want_top1 = direct(lm, q, scale_value_slots(lm, layer, neurons, factor))
+        np.testing.assert_allclose(got.token_probs[i], want, rtol=1e-4, atol=1e-7)
+        assert got.prob[i] == pytest.approx(want.mean(), rel=1e-4, abs=1e-7)
+        assert got.top1[i] == want_top1
+        base, _ = direct(lm, q)
+        np.testing.assert_allclose(plain.token_probs[i], base, rtol=1e-4, atol=1e-7)
+        assert not np.allclose(got.token_probs[i], base)  # the intervention did something
+
+
+def manual_forward(lm, query, neurons, fn):
+    """A forward whose FFN activations of ``neurons`` {layer: [index]} are replaced by
+    ``fn(act)`` at the object positions, by hooks written here (not kneurons.hooks)."""
+    pos = query.target_positions
+
+    def hook_of(idx):
+        def pre_hook(mod, args):
+            act = args[0].clone()  # [1, S, d_ff]
+            for p in pos:
+                act[0, p, idx] = fn(act[0, p, idx])
+            return (act,)
+        return pre_hook
+    handles = [lm.ffn_site(layer).register_forward_pre_hook(hook_of(idx))
+               for layer, idx in neurons.items()]
+    try:
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.as_tensor([query.input_ids])).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    probs = torch.softmax(logits[pos].float(), -1)  # [T, vocab]
+    return probs[torch.arange(len(pos)), query.target_ids].numpy()
+
+
+def test_batched_rows_with_different_interventions_equal_one_by_one(model):
+    # early layers (the change spreads to later positions), mixed rows in one padded batch
+    kind, lm = model
+    queries = queries_of(lm, kind)
+    ivs = [scoring.erase([(0, 3), (0, 4), (1, 2)]), scoring.enhance([(0, 3)], 3.0),
+           scoring.Intervention(((1, 6),), "set", 1.25)]
+    by_hand = [({0: [3, 4], 1: [2]}, lambda a: a * 0), ({0: [3]}, lambda a: a * 3.0),
+               ({1: [6]}, lambda a: torch.full_like(a, 1.25))]
+    got = scoring.score(lm, queries + queries, ivs + [scoring.NONE] * 3, batch_size=4)
+    for i, q in enumerate(queries):
+        want = manual_forward(lm, q, *by_hand[i])
+        np.testing.assert_allclose(got.token_probs[i], want, rtol=1e-4, atol=1e-7)
+        alone = scoring.score(lm, [q], [ivs[i]])
+        np.testing.assert_allclose(got.token_probs[i], alone.token_probs[0], rtol=1e-4,
+                                   atol=1e-7)
+        base, _ = direct(lm, q)
+        np.testing.assert_allclose(got.token_probs[3 + i], base, rtol=1e-4, atol=1e-7)
+        assert not np.allclose(want, base)
+
+
+def test_hooks_are_removed_and_weights_untouched(tiny_gpt2):
+    lm = tiny_gpt2
+    q = queries_of(lm, "gpt2")[0]
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    scoring.score(lm, [q], [scoring.enhance([(0, 1), (2, 3)])])
+    for layer in range(lm.n_layers):
+        assert not lm.ffn_site(layer)._forward_pre_hooks
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_the_existing_suppression_paths_are_special_cases(tiny_bert, tiny_gpt2):
+    for lm, kind in ((tiny_bert, "bert"), (tiny_gpt2, "gpt2")):
+        queries = queries_of(lm, kind)
+        sets = [[], [(0, 1)], [(0, 1), (1, 4), (2, 9)]]
+        np.testing.assert_allclose(scoring.erased_token_probs(lm, queries[0], sets),
+                                   suppress_batch(lm, queries[0], sets), rtol=1e-5, atol=1e-7)
+        probs, top1 = score_queries(lm, queries, erase=sets[2])
+        got = scoring.score(lm, queries, [scoring.erase(sets[2])] * len(queries))
+        np.testing.assert_allclose(got.prob, probs, rtol=1e-5, atol=1e-8)
+        assert (got.top1 == top1).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="op must be"):
+        scoring.Intervention(((0, 1),), "double")
+    assert scoring.Intervention(((0, 1), (0, 1), (1, 2))).neurons == ((0, 1), (1, 2))
+
+
+def test_the_head_runs_only_at_the_object_positions_and_gives_the_same_scores(model, monkeypatch):
+    kind, lm = model
+    queries = queries_of(lm, kind)
+    ivs = [scoring.erase([(0, 3)]), scoring.NONE, scoring.enhance([(1, 2)])]
+    head = lm.model.get_output_embeddings()
+    shapes = []
+    handle = head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    try:
+        sliced = scoring.score(lm, queries, ivs)
+    finally:
+        handle.remove()
+    width = max(len(q.target_positions) for q in queries)
+    assert shapes == [(3, width, head.out_features)]  # not [3, seq, vocab]
+    assert not head._forward_pre_hooks
+    monkeypatch.setattr(type(lm.model), "get_output_embeddings", lambda self: None)
+    full = scoring.score(lm, queries, ivs)
+    for a, b in zip(sliced.token_probs, full.token_probs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert (sliced.top1 == full.top1).all()
