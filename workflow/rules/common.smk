@@ -138,7 +138,9 @@ def kn_threshold_in(lang):
     if not isinstance(value, dict):
         return value
     if lang not in value:
-        raise ValueError(f"config: neurons.kn_threshold has no value for language {lang!r}")
+        raise ValueError(
+            f"config: neurons.kn_threshold has no value for language {lang!r}"
+        )
     return value[lang]
 
 
@@ -184,6 +186,24 @@ def likn_outputs():
     if not LIKN_MODELS:
         return []
     return ["results/reports/likn.csv", "results/reports/likn.md"]
+
+
+# ---- the run summary ----------------------------------------------------------------
+
+
+def summary_inputs(wildcards):
+    """The report pages and PNG figures of every report rule of this run."""
+    reports = [rules.report_fact_check.output]
+    if LIKN_MODELS:
+        reports.append(rules.report_likn.output)
+    if config["localization"]["sample"] > 0:
+        reports.append(rules.report_localization.output)
+    return {
+        "reports": [out.md for out in reports],
+        "figures": [
+            path for out in reports for key, path in out.items() if key.endswith("_png")
+        ],
+    }
 
 
 def final_outputs():
