@@ -218,6 +218,12 @@ def read_mlama(source: str | Path, lang: str, relations: list[str] | None = None
     return facts, report
 
 
+def relations_in(source: str | Path, lang: str) -> list[str]:
+    """The relation ids of a language of a local source (its fact files), without reading them."""
+    folder = _open_language(Path(source), lang)
+    return sorted(name[: -len(".jsonl")] for name in folder.files if name != TEMPLATES_FILE)
+
+
 def verify_sha256(path: str | Path, expected_hex: str) -> None:
     """Raise ValueError naming ``path`` and both digests unless its SHA-256 is ``expected_hex``.
 
