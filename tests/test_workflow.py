@@ -208,3 +208,18 @@ def test_execution_knobs_rerun_nothing(finished_run):
     workdir, config = finished_run
     assert planned(workdir, config, "--set-resources", "attribute_shard:batch_queries=2",
                    "--set-threads", "attribute_shard=2") == {}
+
+
+def test_rule_scripts_import_the_checkouts_library(tmp_path, monkeypatch):
+    """A kneurons earlier on the path (PYTHONPATH here; an editable install or a release in
+    site-packages alike) is not what the rule scripts run."""
+    fake = tmp_path / "elsewhere" / "kneurons"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('an installed kneurons was imported')\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    config = tiny_config()
+    config["mlama"]["languages"] = ["en"]
+    config["models"] = {"m": {"toy": True, "arch": "masked", "languages": ["en"]}}
+    run_workflow(tmp_path / "run", config, "results/data/mlama/en.parquet")
+    log = (tmp_path / "run" / "logs" / "data" / "prepare_mlama" / "en.log").read_text()
+    assert "kept" in log and "installed kneurons" not in log

@@ -1,5 +1,6 @@
 # Config validation (the schema and the checks beyond it), wildcard constraints and input
 # functions.
+import os
 import re
 import sys
 from pathlib import Path
@@ -7,9 +8,15 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-# The checkout's own library, ahead of any installed kneurons (see also PYTHONPATH below).
+# The workflow runs the library of its own checkout, never a kneurons installed elsewhere: the
+# `script:` preamble only appends the script folder to sys.path (after site-packages), so the
+# folder goes first on this process's sys.path and on the jobs' PYTHONPATH (which Python puts
+# ahead of site-packages; jobs inherit this process's environment).
 SCRIPTS = str(Path(workflow.basedir) / "scripts")
 sys.path.insert(0, SCRIPTS)
+_pythonpath = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+if _pythonpath[0] != SCRIPTS:
+    os.environ["PYTHONPATH"] = os.pathsep.join([SCRIPTS, *filter(None, _pythonpath)])
 
 from kneurons.config import check_relations, check_types, coerce_strings
 from kneurons.mlama import relations_in
