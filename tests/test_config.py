@@ -64,7 +64,6 @@ def dry_run(tmp_path: Path, config: dict, *args: str):
     (lambda c: c["mlama"].update(relations=["P999"]), ["mlama.relations", "P999", "P36"]),
     (lambda c: c["mlama"].update(source="/nonexistent/mlama1.1"), ["mlama.source", "does not exist"]),
     (lambda c: c["toy"].update(hidden=30, heads=4), ["toy.hidden", "toy.heads"]),
-    (lambda c: c["attribution"].update(keep_top=600), ["attribution.keep_top", "toy.ffn"]),
     (lambda c: c["models"].update(x={"hf_id": "/nonexistent/model", "arch": "masked",
                                      "languages": ["en"]}), ["models.x.hf_id", "does not exist"]),
 ])

@@ -75,11 +75,6 @@ def _check_config():
             raise ValueError(
                 f"config: toy.hidden ({toy['hidden']}) must be a multiple of toy.heads ({toy['heads']})"
             )
-        if config["attribution"]["keep_top"] > toy["layers"] * toy["ffn"]:
-            raise ValueError(
-                "config: attribution.keep_top must not exceed the toy models' neurons, "
-                f"toy.layers x toy.ffn ({config['attribution']['keep_top']} > {toy['layers'] * toy['ffn']})"
-            )
     for alias, spec in MODELS.items():
         hf_id = spec.get("hf_id", "")
         local = Path(hf_id).is_absolute() or hf_id.startswith((".", "~"))
