@@ -223,3 +223,23 @@ def test_rule_scripts_import_the_checkouts_library(tmp_path, monkeypatch):
     run_workflow(tmp_path / "run", config, "results/data/mlama/en.parquet")
     log = (tmp_path / "run" / "logs" / "data" / "prepare_mlama" / "en.log").read_text()
     assert "kept" in log and "installed kneurons" not in log
+
+
+def test_a_data_stage_error_comes_before_any_training(tmp_path):
+    import shutil
+
+    source = tmp_path / "mlama1.1"
+    shutil.copytree(REPO / "resources" / "mlama-mini" / "mlama1.1", source)
+    facts = source / "zh" / "P36.jsonl"
+    lines = facts.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first["obj_uri"] = "Q999999999"  # zh and en disagree on the object: corrupt_facts fails
+    lines[0] = json.dumps(first, ensure_ascii=False)
+    facts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = tiny_config()
+    config["mlama"]["source"] = str(source)
+    config["toy"] = dict(TINY_TOY)
+    result = run_workflow(tmp_path / "run", config, check=False)
+    assert result.returncode != 0
+    assert "Error in rule corrupt_facts" in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "logs" / "models").exists()  # no training started
