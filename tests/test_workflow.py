@@ -243,3 +243,27 @@ def test_a_data_stage_error_comes_before_any_training(tmp_path):
     assert result.returncode != 0
     assert "Error in rule corrupt_facts" in result.stdout + result.stderr
     assert not (tmp_path / "run" / "logs" / "models").exists()  # no training started
+
+
+def test_dropped_relations_are_warnings_on_the_console_or_errors_with_strict(tmp_path):
+    import shutil
+
+    source = tmp_path / "mlama1.1"
+    shutil.copytree(REPO / "resources" / "mlama-mini" / "mlama1.1", source)
+    first = (source / "en" / "P36.jsonl").read_text().splitlines()[0]
+    (source / "en" / "P999.jsonl").write_text(first.replace('"uuid": "', '"uuid": "x') + "\n")
+    (source / "zh" / "P36.jsonl").unlink()  # zh ends without P36
+    config = tiny_config()
+    config["mlama"]["source"] = str(source)
+    result = run_workflow(tmp_path / "run", config, "--until", "corrupt_facts")
+    drop = "en/P999.jsonl: relation P999 dropped (no_template, 1 facts)"
+    differ = "relation P36 is in en but not in zh"
+    assert drop in result.stderr and differ in result.stderr  # Snakemake's console
+    logs = tmp_path / "run" / "logs" / "data"
+    assert drop in (logs / "prepare_mlama" / "en.log").read_text()
+    assert differ in (logs / "corrupt_facts.log").read_text()
+    config["mlama"]["strict"] = True
+    result = run_workflow(tmp_path / "strict", config, "--until", "prepare_mlama", check=False)
+    assert result.returncode != 0
+    assert "mlama.strict" in result.stderr and drop in result.stderr
+    assert not (tmp_path / "strict" / "results" / "data" / "mlama" / "en.parquet").exists()

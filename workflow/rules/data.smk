@@ -31,6 +31,7 @@ rule prepare_mlama:
         source=mlama_source_path(),
         relations=config["mlama"]["relations"],
         to_simplified=config["mlama"]["to_simplified"],
+        strict=config["mlama"]["strict"],
         version=VERSIONS["data"],
     script:
         "../../scripts/prepare_mlama.py"
