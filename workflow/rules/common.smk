@@ -16,7 +16,7 @@ SCRIPTS = str(Path(workflow.basedir) / "scripts")
 sys.path.insert(0, SCRIPTS)
 _pythonpath = os.environ.get("PYTHONPATH", "").split(os.pathsep)
 if _pythonpath[0] != SCRIPTS:
-    os.environ["PYTHONPATH"] = os.pathsep.join([SCRIPTS, *filter(None, _pythonpath)])
+    os.environ.update(PYTHONPATH=os.pathsep.join([SCRIPTS, *filter(None, _pythonpath)]))
 
 from kneurons.config import check_relations, check_types, coerce_strings
 from kneurons.mlama import relations_in
