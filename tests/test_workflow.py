@@ -267,3 +267,41 @@ def test_dropped_relations_are_warnings_on_the_console_or_errors_with_strict(tmp
     assert result.returncode != 0
     assert "mlama.strict" in result.stderr and drop in result.stderr
     assert not (tmp_path / "strict" / "results" / "data" / "mlama" / "en.parquet").exists()
+
+
+def test_after_snakemake_is_killed_unlock_and_rerun_recover(tmp_path):
+    """SIGKILL of snakemake itself while a job runs: the job finishes on its own (its output is
+    renamed into place) but Snakemake's bookkeeping never hears of it. ``--unlock`` and a
+    plain rerun (the profile's rerun-incomplete) recover, as docs/recovery.md says."""
+    import os
+    import signal
+    import time
+
+    config = tiny_config()
+    config["mlama"]["relations"] = ["P36", "P37"]
+    config["models"] = {"m": {"toy": True, "arch": "masked", "languages": ["en"]}}
+    config["toy"] = {**TINY_TOY, "epochs": 20}
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    args = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"), "--cores", "2"]
+    target = "results/models/m/train_metrics.json"
+    job = subprocess.Popen([*args, target], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    training = workdir / "logs" / "models" / "train_toy_model" / "m.log"
+    deadline = time.monotonic() + 300
+    while not training.exists() and time.monotonic() < deadline:
+        assert job.poll() is None, "snakemake ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)  # snakemake only: the training job runs on, orphaned
+    job.wait()
+    while not (workdir / target).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (workdir / target).exists(), "the orphaned training job did not finish"
+    time.sleep(1)  # the orphan exits after its last write
+    locked = run_workflow(workdir, config, target, check=False)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    run_workflow(workdir, config, "--unlock", target)
+    rerun = run_workflow(workdir, config, target)  # no --rerun-incomplete needed
+    assert "train_toy_model" in rerun.stdout + rerun.stderr  # the incomplete job ran again
+    assert json.loads((workdir / target).read_text())["accuracy"]
