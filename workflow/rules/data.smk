@@ -66,6 +66,8 @@ rule split_facts:
         report="results/data/facts/report.json",
     log:
         "logs/data/split_facts.log",
+    # ahead of the toy training when both are ready, so that a split error comes first
+    priority: 10
     localrule: True
     conda:
         "../../envs/data.yaml"
