@@ -84,3 +84,13 @@ def test_nested_config_strings_are_coerced_before_validation(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     result = dry_run(tmp_path, tiny_config(), "--config", 'attribution={"steps": "3"}')
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_coercion_follows_arrays_and_schema_branches():
+    schema = {"type": "object", "properties": {
+        "thresholds": {"type": "array", "items": {"oneOf": [{"type": "number"},
+                                                            {"type": "string", "enum": ["auto"]}]}},
+        "sizes": {"type": "object", "additionalProperties": {"type": "integer"}}}}
+    config = {"thresholds": ["0.5", "auto", "1e-3", "nan"], "sizes": {"a": "3", "b": "x"}}
+    coerce_strings(config, schema)
+    assert config == {"thresholds": [0.5, "auto", 0.001, "nan"], "sizes": {"a": 3, "b": "x"}}
