@@ -1,6 +1,6 @@
 # kneurons: knowledge neurons, degenerate knowledge neurons and fact checking with AMIG
 # (Chen et al., "Journey to the Center of the Knowledge Neurons", AAAI 2024).
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -13,12 +13,10 @@ if not config:
     )
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
 report: "workflow/report/workflow.rst"
 
 
+# common.smk validates the config (schema and the checks beyond it) before anything else.
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"

@@ -6,10 +6,12 @@ import pandas as pd
 from kneurons.facts import corrupt_facts, corruption_report
 from kneurons.io import write_json, write_parquet
 from kneurons.logs import configure
+from kneurons.mlama import relation_differences
 
-configure(snakemake.log[0])
+configure(snakemake.log[0], echo_warnings=True)
 languages = list(snakemake.params.languages)
 tables = {lang: pd.read_parquet(path) for lang, path in zip(languages, snakemake.input)}
+relation_differences({lang: sorted(set(table["relation"])) for lang, table in tables.items()})
 corrupted = corrupt_facts(tables, snakemake.params.seed)
 report = corruption_report(tables, corrupted)
 logging.info("kept %d of %d facts", report["facts_out"], report["facts_in"])

@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kneurons.checkpoint import Checkpoint
+from kneurons.checkpoint import open_checkpoint
 from kneurons.devices import pick_device
 from kneurons.dkn import detect_dkn_records
 from kneurons.io import write_parquet
@@ -19,9 +19,10 @@ lm = load_model(params.model["source"], params.model["arch"], revision=params.mo
                 trust_remote_code=params.model["trust_remote_code"], device=pick_device())
 records, _ = read_shard(snakemake.input.attribution)
 options = {key: params[key] for key in ("kn_threshold", "max_kn", "single_drop", "pair_drop")}
-checkpoint = Checkpoint(Path(snakemake.output[0] + ".checkpoint"),
-                        repr(sorted({**options, "model": params.model, "n": len(records),
-                                     "version": params.version}.items())))
+checkpoint = open_checkpoint(Path(snakemake.output[0] + ".checkpoint"),
+                             options={**options, "version": params.version}, model=params.model,
+                             files={"attribution": snakemake.input.attribution,
+                                    "facts": snakemake.input.facts})
 found = detect_dkn_records(lm, pd.read_parquet(snakemake.input.facts), records, **options,
                            checkpoint=checkpoint, progress=progress)
 write_parquet(found, snakemake.output[0])

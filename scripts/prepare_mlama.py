@@ -3,9 +3,9 @@ import logging
 
 from kneurons.io import write_json, write_parquet
 from kneurons.logs import configure
-from kneurons.mlama import read_mlama
+from kneurons.mlama import check_dropped_relations, read_mlama
 
-configure(snakemake.log[0])
+configure(snakemake.log[0], echo_warnings=True)
 params = snakemake.params
 relations = None if params.relations == "all" else list(params.relations)
 table, report = read_mlama(
@@ -13,5 +13,6 @@ table, report = read_mlama(
 )
 logging.info("%s: kept %d facts in %d relations", snakemake.wildcards.lang, len(table),
              table["relation"].nunique())
+check_dropped_relations(report, strict=params.strict)
 write_parquet(table, snakemake.output.table)
 write_json(report, snakemake.output.report)

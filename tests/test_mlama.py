@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from kneurons.facts import PARTS, corrupt_facts, corruption_report, discovery_count, split_facts
-from kneurons.mlama import (DROP_REASONS, FACT_COLUMNS, MlamaFormatError, read_mlama,
+from kneurons.mlama import (DROP_REASONS, FACT_COLUMNS, MlamaDropError, MlamaFormatError,
+                            check_dropped_relations, read_mlama, relation_differences,
                             verify_sha256)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -510,3 +511,45 @@ def test_full_en_zh_ingestion_corruption_and_split():
     disc_en = set(splits["en"]["discovery"]["uuid"])
     assert set(splits["zh"]["discovery"]["uuid"]) <= disc_en
     assert not set(splits["zh"]["evaluation"]["uuid"]) & disc_en
+
+
+# --- no drop is silent ---------------------------------------------------------------------
+
+def test_every_dropped_relation_is_a_warning_naming_file_and_reason(tmp_path, caplog):
+    write_lang(tmp_path, "en",
+               {"P17": "[X] is in [Y] .", "P19": "[X] was born in .", "P20": "[X] died in [Y] .",
+                "P30": "[X] is on [Y] .", "P31": "[X] is a [Y] ."},
+               {"P17": [fact(0), fact(1)], "P19": [fact(2)], "P20": b"", "P36": [fact(3)],
+                "P30": [fact(n, obj_uri="Q1", obj_label="Asia") for n in (4, 5, 6)]})
+    (tmp_path / "mlama1.1" / "en" / "P31.JSONL").write_text(json.dumps(fact(7)) + "\n")
+    facts, report = read_mlama(tmp_path, "en", ["P17", "P19", "P20", "P30", "P31", "P36", "P99"])
+    caplog.set_level("WARNING")
+    messages = check_dropped_relations(report)
+    assert len(messages) == 7 and len(caplog.records) == 7  # P31: requested, and misnamed
+    assert all(record.levelname == "WARNING" for record in caplog.records)
+    text = "\n".join(messages)
+    for needle in ["en/P19.jsonl: relation P19 dropped (bad_template, 1 facts)", "'[X] was born in .'",
+                   "en/P20.jsonl: relation P20 dropped (empty_fact_file",
+                   "en/P36.jsonl: relation P36 dropped (no_template, 1 facts)",
+                   "en/P99.jsonl: relation P99 dropped (requested_missing",
+                   "en/P31.JSONL: not read", "en/P30.jsonl: all 3 facts of relation P30 have one object"]:
+        assert needle in text
+    assert "P17" not in text  # kept, with two objects
+    with pytest.raises(MlamaDropError, match=r"mlama.strict(.|\n)*en/P20.jsonl(.|\n)*empty_fact_file"):
+        check_dropped_relations(report, strict=True)
+
+
+def test_the_bundled_sample_drops_nothing(caplog):
+    for lang in ("en", "zh"):
+        _, report = read_mlama(MINI, lang)
+        assert check_dropped_relations(report, strict=True) == []
+
+
+def test_languages_with_different_relation_sets_are_a_warning(caplog):
+    caplog.set_level("WARNING")
+    assert relation_differences({"en": ["P17", "P19"], "zh": ["P17", "P19"]}) == []
+    messages = relation_differences({"en": ["P17", "P19"], "zh": ["P17"], "fr": ["P17", "P20"]})
+    assert messages == [
+        "relation P19 is in en but not in fr, zh: the languages have different relation sets",
+        "relation P20 is in fr but not in en, zh: the languages have different relation sets"]
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]

@@ -91,3 +91,10 @@ def test_load_model_falls_back_to_bin_weights(tmp_path):
     w = loaded.model.bert.encoder.layer[2].output.dense.weight
     assert w.dtype == torch.float64
     assert torch.allclose(w.float(), lm.model.bert.encoder.layer[2].output.dense.weight)
+
+
+@pytest.mark.parametrize("source", ["/no/such/model", "results/models/toy/model", "./model"])
+def test_a_missing_local_model_path_is_named(tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"model path {source} does not exist"):
+        load_model(source, "masked")

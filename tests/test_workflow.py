@@ -220,3 +220,100 @@ def test_execution_knobs_rerun_nothing(finished_run):
     workdir, config = finished_run
     assert planned(workdir, config, "--set-resources", "attribute_shard:batch_queries=2",
                    "--set-threads", "attribute_shard=2") == {}
+
+
+def test_rule_scripts_import_the_checkouts_library(tmp_path, monkeypatch):
+    """A kneurons earlier on the path (PYTHONPATH here; an editable install or a release in
+    site-packages alike) is not what the rule scripts run."""
+    fake = tmp_path / "elsewhere" / "kneurons"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('an installed kneurons was imported')\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    config = tiny_config()
+    config["mlama"]["languages"] = ["en"]
+    config["models"] = {"m": {"toy": True, "arch": "masked", "languages": ["en"]}}
+    run_workflow(tmp_path / "run", config, "results/data/mlama/en.parquet")
+    log = (tmp_path / "run" / "logs" / "data" / "prepare_mlama" / "en.log").read_text()
+    assert "kept" in log and "installed kneurons" not in log
+
+
+def test_a_data_stage_error_comes_before_any_training(tmp_path):
+    import shutil
+
+    source = tmp_path / "mlama1.1"
+    shutil.copytree(REPO / "resources" / "mlama-mini" / "mlama1.1", source)
+    facts = source / "zh" / "P36.jsonl"
+    lines = facts.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first["obj_uri"] = "Q999999999"  # zh and en disagree on the object: corrupt_facts fails
+    lines[0] = json.dumps(first, ensure_ascii=False)
+    facts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = tiny_config()
+    config["mlama"]["source"] = str(source)
+    config["toy"] = dict(TINY_TOY)
+    result = run_workflow(tmp_path / "run", config, check=False)
+    assert result.returncode != 0
+    assert "Error in rule corrupt_facts" in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "logs" / "models").exists()  # no training started
+
+
+def test_dropped_relations_are_warnings_on_the_console_or_errors_with_strict(tmp_path):
+    import shutil
+
+    source = tmp_path / "mlama1.1"
+    shutil.copytree(REPO / "resources" / "mlama-mini" / "mlama1.1", source)
+    first = (source / "en" / "P36.jsonl").read_text().splitlines()[0]
+    (source / "en" / "P999.jsonl").write_text(first.replace('"uuid": "', '"uuid": "x') + "\n")
+    (source / "zh" / "P36.jsonl").unlink()  # zh ends without P36
+    config = tiny_config()
+    config["mlama"]["source"] = str(source)
+    result = run_workflow(tmp_path / "run", config, "--until", "corrupt_facts")
+    drop = "en/P999.jsonl: relation P999 dropped (no_template, 1 facts)"
+    differ = "relation P36 is in en but not in zh"
+    assert drop in result.stderr and differ in result.stderr  # Snakemake's console
+    logs = tmp_path / "run" / "logs" / "data"
+    assert drop in (logs / "prepare_mlama" / "en.log").read_text()
+    assert differ in (logs / "corrupt_facts.log").read_text()
+    config["mlama"]["strict"] = True
+    result = run_workflow(tmp_path / "strict", config, "--until", "prepare_mlama", check=False)
+    assert result.returncode != 0
+    assert "mlama.strict" in result.stderr and drop in result.stderr
+    assert not (tmp_path / "strict" / "results" / "data" / "mlama" / "en.parquet").exists()
+
+
+def test_after_snakemake_is_killed_unlock_and_rerun_recover(tmp_path):
+    """SIGKILL of snakemake itself while a job runs: the job finishes on its own (its output is
+    renamed into place) but Snakemake's bookkeeping never hears of it. ``--unlock`` and a
+    plain rerun (the profile's rerun-incomplete) recover, as docs/recovery.md says."""
+    import os
+    import signal
+    import time
+
+    config = tiny_config()
+    config["mlama"]["relations"] = ["P36", "P37"]
+    config["models"] = {"m": {"toy": True, "arch": "masked", "languages": ["en"]}}
+    config["toy"] = {**TINY_TOY, "epochs": 20}
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    args = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"), "--cores", "2"]
+    target = "results/models/m/train_metrics.json"
+    job = subprocess.Popen([*args, target], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    training = workdir / "logs" / "models" / "train_toy_model" / "m.log"
+    deadline = time.monotonic() + 300
+    while not training.exists() and time.monotonic() < deadline:
+        assert job.poll() is None, "snakemake ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)  # snakemake only: the training job runs on, orphaned
+    job.wait()
+    while not (workdir / target).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (workdir / target).exists(), "the orphaned training job did not finish"
+    time.sleep(1)  # the orphan exits after its last write
+    locked = run_workflow(workdir, config, target, check=False)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    run_workflow(workdir, config, "--unlock", target)
+    rerun = run_workflow(workdir, config, target)  # no --rerun-incomplete needed
+    assert "train_toy_model" in rerun.stdout + rerun.stderr  # the incomplete job ran again
+    assert json.loads((workdir / target).read_text())["accuracy"]

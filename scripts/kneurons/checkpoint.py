@@ -2,35 +2,49 @@
 
 A job killed at any point (even SIGKILL) and started again resumes from the last chunk that was
 fully written; chunks are written atomically, so a chunk is either complete or absent. The folder
-carries a fingerprint of the job's inputs and parameters: a checkpoint made for other inputs or
-parameters is discarded, never mixed in.
+carries a fingerprint of everything the records depend on: the model's weights (a digest of its
+files), the input content and every option. A checkpoint made for other weights, inputs or
+options is discarded with a log line naming what changed, never mixed in.
+``open_checkpoint`` computes that fingerprint; every resumable job opens its checkpoint with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from .io import write_json, write_parquet
 
+log = logging.getLogger(__name__)
+
 
 class Checkpoint:
-    """Append-only chunks of a table under ``folder``, valid for one ``fingerprint``."""
+    """Append-only chunks of a table under ``folder``, valid for one ``fingerprint``.
 
-    def __init__(self, folder: str | Path, fingerprint: str):
+    ``fingerprint`` is a string or a {part: digest} mapping; with a mapping, the log line of a
+    discarded checkpoint names the parts that differ.
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: str | Mapping[str, str]):
         self.folder = Path(folder)
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint if isinstance(fingerprint, str) else dict(fingerprint)
         meta = self.folder / "fingerprint.json"
         if self.folder.exists():
-            stale = not meta.exists() or json.loads(meta.read_text())["fingerprint"] != fingerprint
-            if stale:
+            old = json.loads(meta.read_text())["fingerprint"] if meta.exists() else None
+            if old != self.fingerprint:
+                log.warning("discarding the stale checkpoint %s: %s", self.folder,
+                            _why_stale(old, self.fingerprint))
                 shutil.rmtree(self.folder)
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
-            write_json({"fingerprint": fingerprint}, meta)
+            write_json({"fingerprint": self.fingerprint}, meta)
 
     def _chunks(self) -> list[Path]:
         return sorted(self.folder.glob("chunk-*.parquet"))
@@ -49,3 +63,89 @@ class Checkpoint:
     def remove(self) -> None:
         """Delete the checkpoint (after the final output has been written)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _why_stale(old, new) -> str:
+    if old is None:
+        return "it has no fingerprint"
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+        return f"{', '.join(changed)} changed"
+    return "its fingerprint differs"
+
+
+def open_checkpoint(
+    folder: str | Path,
+    *,
+    options: Mapping,
+    model: Mapping | None = None,
+    files: Mapping[str, str | Path] | None = None,
+    tables: Mapping[str, pd.DataFrame] | None = None,
+) -> Checkpoint:
+    """The checkpoint under ``folder``, bound to every thing the job's records depend on.
+
+    ``options``: every option of the job (plain values); ``model``: the model's identity as in
+    the rules' ``model`` params (``source``: a local folder or a hub id, ``revision``), whose
+    weights enter as a digest of its files (``model_digest``); ``files``: input files, by
+    content; ``tables``: in-memory inputs, by content. Each becomes one part of the fingerprint.
+    """
+    parts = {"options": _digest_bytes(json.dumps(options, sort_keys=True, default=str).encode())}
+    if model is not None:
+        parts["model"] = _digest_bytes(json.dumps(dict(model), sort_keys=True, default=str).encode())
+        parts["model_weights"] = model_digest(model["source"], model.get("revision"))
+    for name, path in (files or {}).items():
+        parts[f"input {name}"] = file_digest(path)
+    for name, table in (tables or {}).items():
+        parts[f"input {name}"] = table_digest(table)
+    return Checkpoint(folder, parts)
+
+
+def _digest_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def table_digest(table: pd.DataFrame) -> str:
+    """A digest of a table's columns and values (not its index)."""
+    digest = hashlib.sha256(json.dumps([str(c) for c in table.columns]).encode())
+    hashable = table.map(lambda v: repr(v) if isinstance(v, (list, dict, bytes)) else v)
+    digest.update(pd.util.hash_pandas_object(hashable, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_digest(source: str | Path, revision: str | None = None) -> str:
+    """A digest of a model's files: a local folder's files by content, a hub id's resolved
+    snapshot in the local cache (its files are links to content-addressed blobs, so the blob
+    names stand for the content). A hub id that is not cached yet has no files to digest: its
+    digest is then the empty one, and the job has to load (download) the model before."""
+    folder = Path(source)
+    if not folder.is_dir():
+        folder = _hub_snapshot(str(source), revision)
+        if folder is None:
+            return "no local files"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name.startswith("."):  # e.g. .cache/ of huggingface_hub downloads
+            continue
+        target = Path(os.path.realpath(path))
+        content = target.name if target.parent.name == "blobs" else file_digest(path)
+        digest.update(f"{name}\0{content}\n".encode())
+    return digest.hexdigest()
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 (not in the cache, or not a hub id)
+        return None

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import TextIO
 
 
-def configure(log_path: str | Path | None, level: int = logging.INFO) -> TextIO:
+def configure(log_path: str | Path | None, level: int = logging.INFO, *,
+              echo_warnings: bool = False) -> TextIO:
     """Send logging (and returned stream, for tqdm) to ``log_path``; stderr when None.
+    ``echo_warnings``: WARNINGs and worse go to stderr (Snakemake's console) as well.
 
     Returns the text stream that progress bars should write to (``tqdm(file=stream)``).
     """
@@ -22,6 +24,11 @@ def configure(log_path: str | Path | None, level: int = logging.INFO) -> TextIO:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    if echo_warnings and log_path is not None:
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(console)
     root.setLevel(level)
     logging.captureWarnings(True)
     previous_hook = sys.excepthook

@@ -29,6 +29,10 @@ reader does with each quirk, so that nothing is dropped silently:
   and field: invalid UTF-8 or JSON, not an object, a missing key, a wrong type (labels,
   uris, uuid must be non-empty, non-blank strings; ``lineid`` a non-negative int, not a
   bool), a uuid seen twice in the language, or a ``lineid`` seen twice in a relation.
+* **No drop is silent**: ``check_dropped_relations`` logs every relation that loses its facts
+  (the reasons of ``WARNED_REASONS``, an upper-case ``.JSONL`` file, a relation whose facts
+  share one object) as a WARNING naming file and reason, or raises with ``strict``;
+  ``relation_differences`` warns when the languages end with different relation sets.
 * **Values are kept exactly as written** (no whitespace stripping, no case folding).
   Labels are only changed on request: ``to_simplified=True`` converts labels and
   templates with OpenCC ``t2s`` (as the paper's code does for zh; the optional ``opencc``
@@ -39,12 +43,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 FACT_COLUMNS = ["uuid", "lineid", "relation", "sub_uri", "obj_uri", "sub_label", "obj_label",
                 "template"]
@@ -216,6 +223,77 @@ def read_mlama(source: str | Path, lang: str, relations: list[str] | None = None
             "distinct_objects": int(group["obj_uri"].nunique()),
         }
     return facts, report
+
+
+WARNED_REASONS = ("empty_fact_file", "no_template", "bad_template", "requested_missing")
+"""Drop reasons that lose a relation's facts (or a requested relation): each is a warning, an
+error with ``strict``. ``not_requested`` is what was asked for; ``no_fact_file`` (a template
+without facts) is in every mLAMA language and loses nothing."""
+
+
+class MlamaDropError(ValueError):
+    """``strict`` reading and a relation was dropped; the message names files and reasons."""
+
+
+def dropped_relations(report: dict) -> list[str]:
+    """One message per relation of a ``read_mlama`` report that has (or was asked for) facts
+    but is not in the fact table, or whose facts corrupt_facts will drop: the reasons of
+    ``WARNED_REASONS``, fact files ignored for their upper-case ``.JSONL`` suffix, and relations
+    whose facts all share one object (no wrong object can be drawn for them)."""
+    lang = report["language"]
+    messages = []
+    for reason in WARNED_REASONS:
+        entry = report["dropped"][reason]
+        for relation in entry["relations"]:
+            detail = entry["description"]
+            if reason == "bad_template":
+                detail += f": {entry['templates'][relation]!r}"
+            messages.append(f"{lang}/{relation}.jsonl: relation {relation} dropped "
+                            f"({reason}, {entry['facts_by_relation'][relation]} facts): {detail}")
+    for name in report["ignored_files"]:
+        if name.lower().endswith(".jsonl"):
+            messages.append(f"{lang}/{name}: not read, a fact file's name must end in lower-case "
+                            f".jsonl (relation {name[:-len('.jsonl')]} dropped)")
+    for relation, stats in report["per_relation"].items():
+        if stats["distinct_objects"] == 1:
+            messages.append(f"{lang}/{stats['file']}: all {stats['facts']} facts of relation "
+                            f"{relation} have one object, so none gets a wrong object and "
+                            "corrupt_facts drops the relation")
+    return messages
+
+
+def check_dropped_relations(report: dict, *, strict: bool = False) -> list[str]:
+    """Log every ``dropped_relations`` message as a WARNING; raise MlamaDropError with all of
+    them when ``strict``. Returns the messages."""
+    messages = dropped_relations(report)
+    for message in messages:
+        log.warning("%s", message)
+    if strict and messages:
+        raise MlamaDropError("mlama.strict is set and relations were dropped:\n"
+                             + "\n".join(messages))
+    return messages
+
+
+def relation_differences(relations: dict[str, list[str]]) -> list[str]:
+    """Messages (logged as WARNINGs) for relations that some languages have and others lack,
+    given ``{lang: relation ids of its fact table}``."""
+    every = set().union(*map(set, relations.values())) if relations else set()
+    messages = []
+    for relation in sorted(every):
+        lacking = sorted(lang for lang, rels in relations.items() if relation not in rels)
+        if lacking:
+            having = sorted(set(relations) - set(lacking))
+            messages.append(f"relation {relation} is in {', '.join(having)} but not in "
+                            f"{', '.join(lacking)}: the languages have different relation sets")
+    for message in messages:
+        log.warning("%s", message)
+    return messages
+
+
+def relations_in(source: str | Path, lang: str) -> list[str]:
+    """The relation ids of a language of a local source (its fact files), without reading them."""
+    folder = _open_language(Path(source), lang)
+    return sorted(name[: -len(".jsonl")] for name in folder.files if name != TEMPLATES_FILE)
 
 
 def verify_sha256(path: str | Path, expected_hex: str) -> None:

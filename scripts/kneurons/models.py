@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -213,6 +214,10 @@ def load_model(source: str, arch: str, *, revision: str | None = None,
 
     if arch not in ARCH_KINDS:
         raise ValueError(f"arch must be one of {ARCH_KINDS}, got {arch!r}")
+    path = Path(source).expanduser()
+    looks_local = path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") > 1
+    if looks_local and not path.exists():  # a hub id is "name" or "org/name"
+        raise FileNotFoundError(f"model path {source} does not exist")
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
     if _offline():
         common["local_files_only"] = True

@@ -5,8 +5,6 @@ The record format is documented in :mod:`kneurons.records`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -18,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .attribution import attribute
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .models import LanguageModel
 from .queries import encode_query
 from .records import SCORE_DTYPE, top_neurons, write_shard
@@ -59,14 +57,6 @@ def candidate_table(facts: pd.DataFrame, part: str) -> pd.DataFrame:
     return table.drop(columns="_order").reset_index(drop=True)
 
 
-
-
-def _fingerprint(candidates: pd.DataFrame, options: dict) -> str:
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
-    digest.update(pd.util.hash_pandas_object(
-        candidates[["uuid", "candidate", "obj_label", "template", "sub_label"]], index=False
-    ).to_numpy().tobytes())
-    return digest.hexdigest()
 
 
 def attribute_candidates(
@@ -156,7 +146,8 @@ def run_shard(
 ) -> pd.DataFrame:
     """Attribute one shard of a part's facts and write it to ``output``, resumably.
 
-    ``identity`` (e.g. the model's source and revision) enters the checkpoint fingerprint.
+    ``identity`` (the model's ``source`` folder or hub id, ``revision``...) binds the checkpoint
+    to the model's weights (see ``kneurons.checkpoint.open_checkpoint``).
     """
     facts = shard_of(facts, shard, n_shards)
     usable = attributable(lm, facts, method)
@@ -164,9 +155,9 @@ def run_shard(
         log.warning("%d facts skipped: %s cannot attribute them (relations %s)",
                     int((~usable).sum()), method, sorted(set(facts.loc[~usable, "relation"])))
     candidates = candidate_table(facts[usable], part)
-    options = dict(method=method, steps=steps, quadrature=quadrature, keep_top=keep_top,
-                   identity=identity or {})
-    checkpoint = Checkpoint(Path(str(output) + ".checkpoint"), _fingerprint(candidates, options))
+    checkpoint = open_checkpoint(
+        Path(str(output) + ".checkpoint"), model=identity, tables={"candidates": candidates},
+        options=dict(method=method, steps=steps, quadrature=quadrature, keep_top=keep_top))
     log.info("%s shard %d/%d: %d candidates of %d facts", part, shard, n_shards, len(candidates),
              candidates["uuid"].nunique())
     records = attribute_candidates(lm, candidates, method=method, steps=steps,

@@ -1,6 +1,31 @@
-# Config checks beyond the schema, wildcard constraints and input functions.
+# Config validation (the schema and the checks beyond it), wildcard constraints and input
+# functions.
+import os
 import re
+import sys
 from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+# The workflow runs the library of its own checkout, never a kneurons installed elsewhere: the
+# `script:` preamble only appends the script folder to sys.path (after site-packages), so the
+# folder goes first on this process's sys.path and on the jobs' PYTHONPATH (which Python puts
+# ahead of site-packages; jobs inherit this process's environment).
+SCRIPTS = str(Path(workflow.basedir) / "scripts")
+sys.path.insert(0, SCRIPTS)
+_pythonpath = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+if _pythonpath[0] != SCRIPTS:
+    os.environ.update(PYTHONPATH=os.pathsep.join([SCRIPTS, *filter(None, _pythonpath)]))
+
+from kneurons.config import check_relations, check_types, coerce_strings
+from kneurons.mlama import relations_in
+
+SCHEMA_PATH = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
+coerce_strings(config, SCHEMA)  # nested --config values arrive as strings
+validate(config, str(SCHEMA_PATH))
+check_types(config, SCHEMA)  # 20.0 is no integer, NaN no number
 
 # Bumped on purpose whenever a stage's results change for the same params, so that Snakemake
 # reruns it (the library is not tracked as code by Snakemake).
@@ -32,8 +57,32 @@ def _check_config():
             "config: neurons.max_kn must not exceed attribution.keep_top "
             f"({config['neurons']['max_kn']} > {config['attribution']['keep_top']})"
         )
-    if is_url(config["mlama"]["source"]) and not config["mlama"]["sha256"]:
-        raise ValueError("config: mlama.sha256 is required when mlama.source is a URL")
+    source = config["mlama"]["source"]
+    if is_url(source):
+        if not config["mlama"]["sha256"]:
+            raise ValueError(
+                "config: mlama.sha256 is required when mlama.source is a URL"
+            )
+    elif not Path(source).exists():
+        raise ValueError(f"config: mlama.source {source!r} does not exist")
+    elif config["mlama"]["relations"] != "all":
+        check_relations(
+            config["mlama"]["relations"],
+            {lang: relations_in(source, lang) for lang in LANGUAGES},
+        )
+    toy = config["toy"]
+    if any(spec.get("toy") for spec in MODELS.values()):
+        if toy["hidden"] % toy["heads"]:
+            raise ValueError(
+                f"config: toy.hidden ({toy['hidden']}) must be a multiple of toy.heads ({toy['heads']})"
+            )
+    for alias, spec in MODELS.items():
+        hf_id = spec.get("hf_id", "")
+        local = Path(hf_id).is_absolute() or hf_id.startswith((".", "~"))
+        if local and not Path(hf_id).expanduser().exists():
+            raise ValueError(
+                f"config: models.{alias}.hf_id {hf_id!r} is a local path that does not exist"
+            )
 
 
 def is_url(source):

@@ -31,6 +31,7 @@ rule prepare_mlama:
         source=mlama_source_path(),
         relations=config["mlama"]["relations"],
         to_simplified=config["mlama"]["to_simplified"],
+        strict=config["mlama"]["strict"],
         version=VERSIONS["data"],
     script:
         "../../scripts/prepare_mlama.py"
@@ -65,6 +66,8 @@ rule split_facts:
         report="results/data/facts/report.json",
     log:
         "logs/data/split_facts.log",
+    # ahead of the toy training when both are ready, so that a split error comes first
+    priority: 10
     localrule: True
     conda:
         "../../envs/data.yaml"

@@ -1,0 +1,96 @@
+"""Config checks: string coercion of nested --config values, strict integers, relation ids and
+the other values that can be checked before any job runs (kneurons.config, common.smk)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from test_workflow import REPO, run_workflow, tiny_config
+
+from kneurons.config import ConfigError, check_relations, check_types, coerce_strings
+
+SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+
+
+def test_numeric_strings_become_numbers_where_the_schema_says_so():
+    config = {"seed": "7", "neurons": {"max_kn": "10", "kn_threshold": "0.25"},
+              "factcheck": {"threshold": "0.5"}, "toy": {"vocab_size": "null", "paraphrases": "false"},
+              "mlama": {"languages": ["en"], "source": "123", "sha256": None},
+              "models": {"m": {"toy": "true", "arch": "masked", "languages": ["en"], "revision": "42"}}}
+    coerce_strings(config, SCHEMA)
+    assert config["seed"] == 7 and isinstance(config["seed"], int)
+    assert config["neurons"] == {"max_kn": 10, "kn_threshold": 0.25}
+    assert config["factcheck"]["threshold"] == 0.5
+    assert config["toy"] == {"vocab_size": None, "paraphrases": False}
+    assert config["mlama"]["source"] == "123"  # a string key stays a string
+    assert config["models"]["m"]["toy"] is True
+    assert config["models"]["m"]["revision"] == "42"
+
+
+def test_strings_the_schema_accepts_stay_strings():
+    config = {"factcheck": {"threshold": "auto"}, "attribution": {"method": "ig", "steps": "many"}}
+    coerce_strings(config, SCHEMA)
+    assert config == {"factcheck": {"threshold": "auto"},
+                      "attribution": {"method": "ig", "steps": "many"}}  # "many": the schema says
+
+
+def test_floats_for_integer_keys_and_non_finite_numbers_are_rejected():
+    check_types({"attribution": {"steps": 20}, "neurons": {"kn_threshold": 1.0}}, SCHEMA)
+    with pytest.raises(ConfigError, match=r"attribution\.steps must be an integer, got 20\.0"):
+        check_types({"attribution": {"steps": 20.0}}, SCHEMA)
+    with pytest.raises(ConfigError, match=r"toy\.vocab_size"):
+        check_types({"toy": {"vocab_size": 64.0}}, SCHEMA)
+    with pytest.raises(ConfigError, match=r"likn\.lambda2 must be a finite number"):
+        check_types({"likn": {"lambda2": math.inf}}, SCHEMA)
+
+
+def test_missing_relations_are_named_with_what_exists():
+    check_relations(["P17"], {"en": ["P17", "P36"], "zh": ["P17"]})
+    with pytest.raises(ConfigError, match=r"mlama\.relations has \['P36'\], not in the source's "
+                                          r"zh/ \(it has: P17\)"):
+        check_relations(["P17", "P36"], {"en": ["P17", "P36"], "zh": ["P17"]})
+
+
+def dry_run(tmp_path: Path, config: dict, *args: str):
+    return run_workflow(tmp_path, config, "-n", *args, timeout=300, check=False)
+
+
+@pytest.mark.parametrize(("change", "needles"), [
+    (lambda c: c.update(seed=-1), ["seed", "minimum"]),
+    (lambda c: c["attribution"].update(steps=20.0), ["attribution.steps must be an integer"]),
+    (lambda c: c["mlama"].update(relations=["P999"]), ["mlama.relations", "P999", "P36"]),
+    (lambda c: c["mlama"].update(source="/nonexistent/mlama1.1"), ["mlama.source", "does not exist"]),
+    (lambda c: c["toy"].update(hidden=30, heads=4), ["toy.hidden", "toy.heads"]),
+    (lambda c: c["models"].update(x={"hf_id": "/nonexistent/model", "arch": "masked",
+                                     "languages": ["en"]}), ["models.x.hf_id", "does not exist"]),
+])
+def test_values_that_cannot_work_stop_the_dry_run_naming_the_key(tmp_path, change, needles):
+    config = tiny_config()
+    change(config)
+    result = dry_run(tmp_path, config)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for needle in needles:
+        assert needle in output, output[-3000:]
+    assert "rule prepare_mlama" not in result.stdout
+
+
+def test_nested_config_strings_are_coerced_before_validation(tmp_path):
+    result = dry_run(tmp_path, tiny_config(), "--config", 'neurons={"max_kn": "10"}',
+                     'factcheck={"threshold": "0.5"}', "seed=7", "--printshellcmds")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = dry_run(tmp_path, tiny_config(), "--config", 'attribution={"steps": "3"}')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_coercion_follows_arrays_and_schema_branches():
+    schema = {"type": "object", "properties": {
+        "thresholds": {"type": "array", "items": {"oneOf": [{"type": "number"},
+                                                            {"type": "string", "enum": ["auto"]}]}},
+        "sizes": {"type": "object", "additionalProperties": {"type": "integer"}}}}
+    config = {"thresholds": ["0.5", "auto", "1e-3", "nan"], "sizes": {"a": "3", "b": "x"}}
+    coerce_strings(config, schema)
+    assert config == {"thresholds": [0.5, "auto", 0.001, "nan"], "sizes": {"a": 3, "b": "x"}}
