@@ -53,8 +53,6 @@ differences, is written in the row's ``note``; nothing raises).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -67,7 +65,7 @@ from tqdm import tqdm
 
 from . import scoring
 from .attribution import METHODS, attribute, knowledge_neurons, probability_gap
-from .checkpoint import Checkpoint
+from .checkpoint import open_checkpoint
 from .dkn import Neuron, knowledge_neurons_of
 from .hooks import capture_ffn
 from .likn import _rank, _rng, random_neurons_like
@@ -312,11 +310,6 @@ def object_activation(lm: LanguageModel, query: EncodedQuery) -> np.ndarray:
                        ).cpu().numpy()
 
 
-def _fingerprint(uuids: Sequence[str], options: dict) -> str:
-    text = json.dumps(dict(options, uuids=list(uuids)), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _fact_rows(lm: LanguageModel, fact_uuid: str, query: EncodedQuery,
                targets: list[tuple[str, str, str, EncodedQuery]],
                sets: dict[tuple[str, str], list[Neuron]], complete: dict[str, dict],
@@ -373,7 +366,11 @@ def localize(lm: LanguageModel, facts: pd.DataFrame, records: pd.DataFrame, *,
                    n_related=n_related, n_unrelated=n_unrelated, enhance_factor=enhance_factor,
                    steps=steps, quadrature=quadrature, seed=seed, identity=identity or {},
                    version=1)
-    checkpoint = (Checkpoint(checkpoint_path, _fingerprint(uuids, options))
+    kn_input = true.loc[uuids, ["top_layers", "top_neurons", "top_scores"]].map(
+        lambda v: np.asarray(v).tolist()).reset_index()
+    checkpoint = (open_checkpoint(checkpoint_path, options={**options, "uuids": list(uuids)},
+                                  model=identity or None,
+                                  tables={"facts": facts, "records": kn_input})
                   if checkpoint_path is not None else None)
     done = checkpoint.load() if checkpoint is not None else None
     finished = set(done["uuid"]) if done is not None else set()

@@ -157,7 +157,8 @@ def run_shard(
     candidates = candidate_table(facts[usable], part)
     checkpoint = open_checkpoint(
         Path(str(output) + ".checkpoint"), model=identity, tables={"candidates": candidates},
-        options=dict(method=method, steps=steps, quadrature=quadrature, keep_top=keep_top))
+        options=dict(method=method, steps=steps, quadrature=quadrature, keep_top=keep_top,
+                     score_dtype=str(SCORE_DTYPE)))
     log.info("%s shard %d/%d: %d candidates of %d facts", part, shard, n_shards, len(candidates),
              candidates["uuid"].nunique())
     records = attribute_candidates(lm, candidates, method=method, steps=steps,
