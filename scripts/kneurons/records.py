@@ -32,6 +32,13 @@ top_layers      list<int16>      layers of the ``keep_top`` best neurons, best f
 top_neurons     list<int32>      their indices in the layer's FFN
 top_scores      list<float32>    their attribution scores (probability units)
 scores          binary or null   float16 [n_layers, d_ff] row-major, checked facts only
+completeness_   float64          the attribution's convergence error (a ratio):
+error                            sum over layers |sum of scores - gap| / sum |gap|,
+                                 gap = ``attribution.probability_gap``; NaN if every
+                                 gap is 0. Above ``COMPLETENESS_TOLERANCE`` the scores
+                                 do not integrate to the probability change (too few
+                                 steps, or a degenerate path: ``ig`` on Gemma's
+                                 post-normalised FFNs)
 ==============  ===============  ====================================================
 
 The parquet metadata holds ``n_layers``, ``d_ff``, ``method`` and ``steps``.
@@ -51,6 +58,16 @@ import pyarrow.parquet as pq
 from .io import atomic_path
 
 CANDIDATES = ("true", "wrong")
+COMPLETENESS_TOLERANCE = 0.05  # completeness_error above which a shard warns
+
+
+def completeness_error(scores: np.ndarray, gap: np.ndarray) -> float:
+    """sum_l |sum_j scores[l, j] - gap[l]| / sum_l |gap[l]| for scores [n_layers, d_ff] and
+    gap [n_layers]; NaN when every gap is 0."""
+    total = float(np.abs(gap).sum())
+    if total == 0.0:
+        return float("nan")
+    return float(np.abs(scores.sum(axis=1) - gap).sum() / total)
 
 def top_neurons(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``k`` best neurons of a [n_layers, d_ff] score matrix, best first (ties by index)."""

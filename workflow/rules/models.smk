@@ -1,7 +1,10 @@
-# The toy models of the default run, trained on the bundled facts (the hub is not needed).
+# The models' folders: toy models trained on the bundled facts, GGUF models imported once
+# (the hub is needed for neither).
 
 
 rule train_toy_model:
+    wildcard_constraints:
+        model=model_aliases("toy"),
     input:
         lambda wildcards: expand(
             "results/data/mlama/{lang}.parquet", lang=toy_model_languages(wildcards)
@@ -27,3 +30,28 @@ rule train_toy_model:
         version=VERSIONS["toy"],
     script:
         "../../scripts/train_toy_model.py"
+
+
+rule import_model:
+    output:
+        model=directory("results/models/{model}/model"),
+        provenance="results/models/{model}/import.json",
+    wildcard_constraints:
+        model=model_aliases("gguf"),
+    log:
+        "logs/models/import_model/{model}.log",
+    benchmark:
+        "benchmarks/runs/import_model/{model}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    params:
+        source=lambda wildcards: gguf_source(wildcards.model),
+        arch=lambda wildcards: MODELS[wildcards.model]["arch"],
+        key=lambda wildcards: f"models.{wildcards.model}.gguf",
+        version=VERSIONS["import"],
+    script:
+        "../../scripts/import_model.py"
