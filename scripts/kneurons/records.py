@@ -33,7 +33,9 @@ top_neurons     list<int32>      their indices in the layer's FFN
 top_scores      list<float32>    their attribution scores (probability units)
 scores          binary or null   float16 [n_layers, d_ff] row-major, checked facts only
 completeness_   float64          the attribution's convergence error (a ratio):
-error                            sum over layers |sum of scores - gap| / sum |gap|,
+error                            sum over layers |sum of scores - gap| / sum |gap|
+                                 over the first, middle and last layer
+                                 (``shards.check_layers``),
                                  gap = ``attribution.probability_gap``; NaN if every
                                  gap is 0. Above ``COMPLETENESS_TOLERANCE`` the scores
                                  do not integrate to the probability change (too few
