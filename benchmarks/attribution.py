@@ -75,7 +75,7 @@ SIZES = {
 SIZES["base"]["gemma3"] = dict(  # google/gemma-3-270m (gemma3_text)
     hidden_size=640, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
     head_dim=256, intermediate_size=2048, vocab_size=262144, query_pre_attn_scalar=256,
-    sliding_window=512, max_position_embeddings=32768, rope_theta=1000000.0,
+    sliding_window=512, max_position_embeddings=32768,
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)
 SIZES["base"]["smollm2"] = dict(  # HuggingFaceTB/SmolLM2-135M (llama)
     hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
