@@ -603,3 +603,28 @@ def test_completeness_error_formula():
     scores = np.array([[0.1, 0.2], [0.0, -0.1]])
     assert completeness_error(scores, np.array([0.3, -0.2])) == pytest.approx(0.1 / 0.5)
     assert np.isnan(completeness_error(scores, np.zeros(2)))
+
+
+def test_gemma2_fast_path_equals_fallback():
+    # Gemma 2 falls out of the Gemma 3 entry: same layout, softcap on by default (30)
+    from conftest import make_bpe_tokenizer
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from kneurons.models import wrap_model
+
+    torch.manual_seed(0)
+    tok = make_bpe_tokenizer()
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       intermediate_size=40, max_position_embeddings=64, initializer_range=0.2,
+                       query_pre_attn_scalar=8, final_logit_softcapping=2.0,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.eos_token_id)
+    lm = wrap_model(Gemma2ForCausalLM(cfg), tok, "causal")
+    qs = [encode_query(lm, EN, "Tanzania", "Dodoma"),
+          encode_query(lm, "[X] is located in [Y] .", "Kilimanjaro", "Tanzania")]
+    fast = attribute(lm, qs, method="amig", steps=3)
+    slow = attribute(without_head(lm), qs, method="amig", steps=3)
+    for f, s in zip(fast, slow):
+        assert np.abs(f.scores).max() > 0
+        np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())

@@ -510,3 +510,25 @@ def test_full_en_zh_ingestion_corruption_and_split():
     disc_en = set(splits["en"]["discovery"]["uuid"])
     assert set(splits["zh"]["discovery"]["uuid"]) <= disc_en
     assert not set(splits["zh"]["evaluation"]["uuid"]) & disc_en
+
+
+def test_cap_facts_per_relation_is_seeded_uuid_consistent_and_nested():
+    import pandas as pd
+
+    from kneurons.mlama import cap_facts_per_relation
+
+    facts = pd.DataFrame({"uuid": [f"u{i}" for i in range(30)],
+                          "relation": ["P17"] * 20 + ["P36"] * 10, "lineid": range(30)})
+    small = cap_facts_per_relation(facts, 4, seed=1)
+    assert small.groupby("relation").size().to_dict() == {"P17": 4, "P36": 4}
+    assert list(small["lineid"]) == sorted(small["lineid"])  # row order kept
+    # another language: the same uuids in another order keep the same facts
+    other = facts.sample(frac=1.0, random_state=0)
+    assert set(cap_facts_per_relation(other, 4, seed=1)["uuid"]) == set(small["uuid"])
+    large = cap_facts_per_relation(facts, 8, seed=1)
+    assert set(small["uuid"]) < set(large["uuid"])  # a larger cap keeps a superset
+    assert set(cap_facts_per_relation(facts, 4, seed=2)["uuid"]) != set(small["uuid"])
+    assert cap_facts_per_relation(facts, None, seed=1) is facts
+    assert len(cap_facts_per_relation(facts, 50, seed=1)) == 30
+    with pytest.raises(ValueError):
+        cap_facts_per_relation(facts, 0, seed=1)

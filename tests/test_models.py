@@ -10,7 +10,8 @@ from kneurons.models import ARCHITECTURES, UnsupportedArchitecture, get_spec, lo
 
 
 def test_registry_covers_required_architectures():
-    for name in ("bert", "gpt2", "roberta", "xlm-roberta", "llama", "gpt_neox"):
+    for name in ("bert", "gpt2", "roberta", "xlm-roberta", "llama", "gpt_neox", "gemma2",
+                 "gemma3_text"):
         assert ARCHITECTURES[name].model_type == name
 
 
@@ -91,3 +92,10 @@ def test_load_model_falls_back_to_bin_weights(tmp_path):
     w = loaded.model.bert.encoder.layer[2].output.dense.weight
     assert w.dtype == torch.float64
     assert torch.allclose(w.float(), lm.model.bert.encoder.layer[2].output.dense.weight)
+
+
+def test_gemma_entries_are_causal_with_the_softcapped_head():
+    for name in ("gemma2", "gemma3_text"):
+        spec = ARCHITECTURES[name]
+        assert spec.kinds == frozenset({"causal"}) and spec.head is not None
+    assert ARCHITECTURES["gemma3_text"].head is not ARCHITECTURES["llama"].head

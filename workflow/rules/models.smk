@@ -3,8 +3,6 @@
 
 
 rule train_toy_model:
-    wildcard_constraints:
-        model=model_aliases("toy"),
     input:
         lambda wildcards: expand(
             "results/data/mlama/{lang}.parquet", lang=toy_model_languages(wildcards)
@@ -16,6 +14,8 @@ rule train_toy_model:
         "logs/models/train_toy_model/{model}.log",
     benchmark:
         "benchmarks/runs/train_toy_model/{model}.tsv"
+    wildcard_constraints:
+        model=model_aliases("toy"),
     conda:
         "../../envs/torch.yaml"
     threads: 2
@@ -36,12 +36,12 @@ rule import_model:
     output:
         model=directory("results/models/{model}/model"),
         provenance="results/models/{model}/import.json",
-    wildcard_constraints:
-        model=model_aliases("gguf"),
     log:
         "logs/models/import_model/{model}.log",
     benchmark:
         "benchmarks/runs/import_model/{model}.tsv"
+    wildcard_constraints:
+        model=model_aliases("gguf"),
     conda:
         "../../envs/torch.yaml"
     threads: 1
