@@ -171,6 +171,25 @@ def build_gemma3(seed: int = 0, **overrides):
     return wrap_model(Gemma3ForCausalLM(Gemma3TextConfig(**cfg)), tok, "causal")
 
 
+def build_gemma2(seed: int = 0):
+    """A tiny random Gemma 2: it falls out of the Gemma 3 registry entry (same layout,
+    softcapped logits)."""
+    from conftest import make_bpe_tokenizer
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from kneurons.models import wrap_model
+
+    torch.manual_seed(seed)
+    tok = make_bpe_tokenizer()
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       intermediate_size=40, max_position_embeddings=64, initializer_range=0.2,
+                       query_pre_attn_scalar=8, final_logit_softcapping=2.0,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.eos_token_id)
+    return wrap_model(Gemma2ForCausalLM(cfg), tok, "causal")
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma3():
     return build_gemma3()  # sliding window 4 < query lengths: the full-block path
@@ -533,11 +552,11 @@ def test_one_position_paths_with_eager_attention(kind):
         np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma2"])
 def test_fast_path_equals_fallback_for_the_other_registered_causal_models(kind):
     from conftest import build
 
-    lm = build(kind)
+    lm = build_gemma2() if kind == "gemma2" else build(kind)
     qs = [encode_query(lm, EN, "Tanzania", "Dodoma"),
           encode_query(lm, "[X] is located in [Y] .", "Kilimanjaro", "Tanzania")]
     fast = attribute(lm, qs, method="amig", steps=3)
@@ -604,27 +623,3 @@ def test_completeness_error_formula():
     assert completeness_error(scores, np.array([0.3, -0.2])) == pytest.approx(0.1 / 0.5)
     assert np.isnan(completeness_error(scores, np.zeros(2)))
 
-
-def test_gemma2_fast_path_equals_fallback():
-    # Gemma 2 falls out of the Gemma 3 entry: same layout, softcap on by default (30)
-    from conftest import make_bpe_tokenizer
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    from kneurons.models import wrap_model
-
-    torch.manual_seed(0)
-    tok = make_bpe_tokenizer()
-    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       intermediate_size=40, max_position_embeddings=64, initializer_range=0.2,
-                       query_pre_attn_scalar=8, final_logit_softcapping=2.0,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.eos_token_id)
-    lm = wrap_model(Gemma2ForCausalLM(cfg), tok, "causal")
-    qs = [encode_query(lm, EN, "Tanzania", "Dodoma"),
-          encode_query(lm, "[X] is located in [Y] .", "Kilimanjaro", "Tanzania")]
-    fast = attribute(lm, qs, method="amig", steps=3)
-    slow = attribute(without_head(lm), qs, method="amig", steps=3)
-    for f, s in zip(fast, slow):
-        assert np.abs(f.scores).max() > 0
-        np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())
