@@ -621,5 +621,8 @@ def test_completeness_error_formula():
 
     scores = np.array([[0.1, 0.2], [0.0, -0.1]])
     assert completeness_error(scores, np.array([0.3, -0.2])) == pytest.approx(0.1 / 0.5)
-    assert np.isnan(completeness_error(scores, np.zeros(2)))
+    # tiny gaps: measured against the floor (1e-3 probability units)
+    tiny = np.array([[1e-6, 0.0], [0.0, 0.0]])
+    assert completeness_error(tiny, np.array([3e-6, 0.0])) == pytest.approx(2e-6 / 1e-3)
+    assert completeness_error(np.zeros((2, 2)), np.zeros(2)) == 0.0
 

@@ -33,11 +33,12 @@ top_neurons     list<int32>      their indices in the layer's FFN
 top_scores      list<float32>    their attribution scores (probability units)
 scores          binary or null   float16 [n_layers, d_ff] row-major, checked facts only
 completeness_   float64          the attribution's convergence error (a ratio):
-error                            sum over layers |sum of scores - gap| / sum |gap|
-                                 over the first, middle and last layer
+error                            sum over layers |sum of scores - gap| divided by
+                                 max(sum |gap|, ``COMPLETENESS_GAP_FLOOR``), over
+                                 the first, middle and last layer
                                  (``shards.check_layers``),
-                                 gap = ``attribution.probability_gap``; NaN if every
-                                 gap is 0. Above ``COMPLETENESS_TOLERANCE`` the scores
+                                 gap = ``attribution.probability_gap``. Above
+                                 ``COMPLETENESS_TOLERANCE`` the scores
                                  do not integrate to the probability change (too few
                                  steps, or a degenerate path: ``ig`` on Gemma's
                                  post-normalised FFNs)
@@ -61,14 +62,15 @@ from .io import atomic_path
 
 CANDIDATES = ("true", "wrong")
 COMPLETENESS_TOLERANCE = 0.05  # completeness_error above which a shard warns
+# probability units: below this total gap the error is measured against it instead (an
+# object of P = 1e-6 has gaps of 1e-6, whose relative error says nothing about its scores)
+COMPLETENESS_GAP_FLOOR = 1e-3
 
 
 def completeness_error(scores: np.ndarray, gap: np.ndarray) -> float:
-    """sum_l |sum_j scores[l, j] - gap[l]| / sum_l |gap[l]| for scores [n_layers, d_ff] and
-    gap [n_layers]; NaN when every gap is 0."""
-    total = float(np.abs(gap).sum())
-    if total == 0.0:
-        return float("nan")
+    """sum_l |sum_j scores[l, j] - gap[l]| / max(sum_l |gap[l]|, COMPLETENESS_GAP_FLOOR) for
+    scores [n_layers, d_ff] and gap [n_layers] (probability units)."""
+    total = max(float(np.abs(gap).sum()), COMPLETENESS_GAP_FLOOR)
     return float(np.abs(scores.sum(axis=1) - gap).sum() / total)
 
 def top_neurons(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
