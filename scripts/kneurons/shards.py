@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .attribution import attribute, probability_gap
+from .attribution import attribute
+from .attribution import probability_gap
 from .checkpoint import Checkpoint
 from .models import LanguageModel
 from .queries import encode_query
-from .records import COMPLETENESS_TOLERANCE, completeness_error, top_neurons, write_shard
+from .records import top_neurons, write_shard
+from .records import COMPLETENESS_TOLERANCE, completeness_error
 
 log = logging.getLogger(__name__)
 
