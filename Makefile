@@ -11,7 +11,7 @@ BENCH_DEPS := benchmarks/.deps/.installed
 CORES ?= all
 PYTEST_ARGS ?=
 
-.PHONY: run test setup dry-run lint report clean bench bench-deps setup-real run-real
+.PHONY: run test setup dry-run lint report clean bench bench-deps
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
@@ -42,6 +42,8 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	touch $(STAMP)
 
 # The experiment on the real pretrained LMs (Gemma 3 270M, SmolLM2-135M from GGUF packages)
+.PHONY: setup-real run-real
+
 setup-real: $(REAL_STAMP)
 
 run-real: $(REAL_STAMP)

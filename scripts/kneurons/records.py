@@ -32,19 +32,16 @@ top_layers      list<int16>      layers of the ``keep_top`` best neurons, best f
 top_neurons     list<int32>      their indices in the layer's FFN
 top_scores      list<float32>    their attribution scores (probability units)
 scores          binary or null   float16 [n_layers, d_ff] row-major, checked facts only
-completeness_   float64          the attribution's convergence error (a ratio):
-error                            sum over layers |sum of scores - gap| divided by
-                                 max(sum |gap|, ``COMPLETENESS_GAP_FLOOR``), over
-                                 the first, middle and last layer
-                                 (``shards.check_layers``),
-                                 gap = ``attribution.probability_gap``. Above
-                                 ``COMPLETENESS_TOLERANCE`` the scores
-                                 do not integrate to the probability change (too few
-                                 steps, or a degenerate path: ``ig`` on Gemma's
-                                 post-normalised FFNs)
 ==============  ===============  ====================================================
 
 The parquet metadata holds ``n_layers``, ``d_ff``, ``method`` and ``steps``.
+
+Column ``completeness_error`` (float64, a ratio): the attribution's convergence error,
+sum over layers |sum of the layer's scores - gap| / max(sum |gap|, ``COMPLETENESS_GAP_FLOOR``),
+over the first, middle and last layer (``shards.check_layers``), gap =
+``attribution.probability_gap`` (probability units). Above ``COMPLETENESS_TOLERANCE`` the
+scores do not integrate to the probability change: too few steps, or a degenerate path
+(``ig`` on Gemma's post-normalised FFNs).
 """
 
 from __future__ import annotations
@@ -61,18 +58,6 @@ import pyarrow.parquet as pq
 from .io import atomic_path
 
 CANDIDATES = ("true", "wrong")
-COMPLETENESS_TOLERANCE = 0.05  # completeness_error above which a shard warns
-# probability units: below this total gap the error is measured against it instead (an
-# object of P = 1e-6 has gaps of 1e-6, whose relative error says nothing about its scores)
-COMPLETENESS_GAP_FLOOR = 1e-3
-
-
-def completeness_error(scores: np.ndarray, gap: np.ndarray) -> float:
-    """sum_l |sum_j scores[l, j] - gap[l]| / max(sum_l |gap[l]|, COMPLETENESS_GAP_FLOOR) for
-    scores [n_layers, d_ff] and gap [n_layers] (probability units)."""
-    total = max(float(np.abs(gap).sum()), COMPLETENESS_GAP_FLOOR)
-    return float(np.abs(scores.sum(axis=1) - gap).sum() / total)
-
 def top_neurons(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``k`` best neurons of a [n_layers, d_ff] score matrix, best first (ties by index)."""
     flat = scores.reshape(-1)
@@ -111,3 +96,16 @@ def read_shards(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, dict]:
 def score_matrix(record_scores: bytes, n_layers: int, d_ff: int) -> np.ndarray:
     """The float32 [n_layers, d_ff] score matrix of a checked record."""
     return np.frombuffer(record_scores, dtype=np.float16).reshape(n_layers, d_ff).astype(np.float32)
+
+
+COMPLETENESS_TOLERANCE = 0.05  # completeness_error above which a shard warns
+# probability units: below this total gap the error is measured against it instead (an
+# object of P = 1e-6 has gaps of 1e-6, whose relative error says nothing about its scores)
+COMPLETENESS_GAP_FLOOR = 1e-3
+
+
+def completeness_error(scores: np.ndarray, gap: np.ndarray) -> float:
+    """sum_l |sum_j scores[l, j] - gap[l]| / max(sum_l |gap[l]|, COMPLETENESS_GAP_FLOOR) for
+    scores [n_layers, d_ff] and gap [n_layers] (probability units)."""
+    total = max(float(np.abs(gap).sum()), COMPLETENESS_GAP_FLOOR)
+    return float(np.abs(scores.sum(axis=1) - gap).sum() / total)

@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from .attribution import attribute
 from .attribution import probability_gap
+from .records import COMPLETENESS_TOLERANCE, completeness_error
 from .checkpoint import Checkpoint
 from .models import LanguageModel
 from .queries import encode_query
 from .records import top_neurons, write_shard
-from .records import COMPLETENESS_TOLERANCE, completeness_error
 
 log = logging.getLogger(__name__)
 

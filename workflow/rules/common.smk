@@ -7,11 +7,11 @@ from pathlib import Path
 VERSIONS = {
     "data": 1,
     "toy": 2,  # = kneurons.toy.TOY_VERSION
-    "import": 1,  # = kneurons.gguf.IMPORT_VERSION
     "attribution": 1,
     "dkn": 1,
     "factcheck": 1,
     "likn": 2,
+    "import": 1,  # = kneurons.gguf.IMPORT_VERSION
 }
 
 LANGUAGES = list(config["mlama"]["languages"])
