@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 from .io import atomic_path
 
 CANDIDATES = ("true", "wrong")
+
 def top_neurons(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``k`` best neurons of a [n_layers, d_ff] score matrix, best first (ties by index)."""
     flat = scores.reshape(-1)
@@ -93,10 +94,6 @@ def read_shards(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, dict]:
         raise ValueError("no shards given")
     return pd.concat(frames, ignore_index=True), metadata
 
-def score_matrix(record_scores: bytes, n_layers: int, d_ff: int) -> np.ndarray:
-    """The float32 [n_layers, d_ff] score matrix of a checked record."""
-    return np.frombuffer(record_scores, dtype=np.float16).reshape(n_layers, d_ff).astype(np.float32)
-
 
 COMPLETENESS_TOLERANCE = 0.05  # completeness_error above which a shard warns
 # probability units: below this total gap the error is measured against it instead (an
@@ -109,3 +106,8 @@ def completeness_error(scores: np.ndarray, gap: np.ndarray) -> float:
     scores [n_layers, d_ff] and gap [n_layers] (probability units)."""
     total = max(float(np.abs(gap).sum()), COMPLETENESS_GAP_FLOOR)
     return float(np.abs(scores.sum(axis=1) - gap).sum() / total)
+
+
+def score_matrix(record_scores: bytes, n_layers: int, d_ff: int) -> np.ndarray:
+    """The float32 [n_layers, d_ff] score matrix of a checked record."""
+    return np.frombuffer(record_scores, dtype=np.float16).reshape(n_layers, d_ff).astype(np.float32)
