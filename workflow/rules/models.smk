@@ -43,7 +43,7 @@ rule import_model:
     wildcard_constraints:
         model=model_aliases("gguf"),
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/gguf.yaml"
     threads: 1
     resources:
         mem_mb=6000,
