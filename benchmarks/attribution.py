@@ -14,7 +14,9 @@ Modes (each writes one JSON file to ``benchmarks/results/`` and prints a table):
                (the models of the default run; random-weight models have near-uniform outputs
                and nearly linear integrands, which flatter every rule).
 ``gpu``        ``amig`` throughput (queries/s) and peak memory for several batch sizes, fp32
-               and bf16 autocast; runs on the CPU too (``--device cpu``), so it is tested.
+               and bf16 autocast, for BERT-base, GPT-2 small and Gemma-3-270m- and
+               SmolLM2-135M-shaped models (``--gpu-models``); runs on the CPU too
+               (``--device cpu``), so it is tested.
 
 The BERT-base and GPT-2-small sized models are built from configs with fixed seeds and random
 weights; the queries are single-token facts of the bundled mLAMA sample with tokenizers built
@@ -58,8 +60,28 @@ SIZES = {
     # gaps stand above float noise
     "tiny": {"bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=48, initializer_range=0.2),
-             "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=48, initializer_range=0.2)},
+             "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=48, initializer_range=0.2),
+             "gemma3": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=1, head_dim=8, intermediate_size=48,
+                            query_pre_attn_scalar=8, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention"],
+                            initializer_range=0.2),
+             "smollm2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=48,
+                             initializer_range=0.2, tie_word_embeddings=True)},
 }
+# the real models' shapes (their config.json), random weights: the weights themselves do not
+# fit what travels to a GPU machine, and speed does not depend on them
+SIZES["base"]["gemma3"] = dict(  # google/gemma-3-270m (gemma3_text)
+    hidden_size=640, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+    head_dim=256, intermediate_size=2048, vocab_size=262144, query_pre_attn_scalar=256,
+    sliding_window=512, max_position_embeddings=32768,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)
+SIZES["base"]["smollm2"] = dict(  # HuggingFaceTB/SmolLM2-135M (llama)
+    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
+    rope_theta=100000.0, tie_word_embeddings=True)
+GPU_MODELS = ("bert", "gpt2", "gemma3", "smollm2")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -116,10 +138,21 @@ def build_model(kind: str, size: str, device: str = "cpu", seed: int = 0) -> Lan
         cfg["vocab_size"] = max(cfg["vocab_size"], len(tok))
         return wrap_model(BertForMaskedLM(BertConfig(**cfg)), tok, "masked", device)
     tok = gpt2_tokenizer(facts)
-    cfg = {"vocab_size": len(tok), **SIZES[size]["gpt2"]}
+    cfg = {"vocab_size": len(tok), **SIZES[size][kind]}
     cfg["vocab_size"] = max(cfg["vocab_size"], len(tok))
     cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return wrap_model(GPT2LMHeadModel(GPT2Config(**cfg)), tok, "causal", device)
+    if kind == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        cfg["pad_token_id"] = tok.eos_token_id
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**cfg))
+    elif kind == "smollm2":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(**cfg))
+    return wrap_model(model, tok, "causal", device)
 
 
 class Query:
@@ -358,8 +391,19 @@ def mode_quadrature(args) -> dict:
 
 
 def mode_gpu(args) -> dict:
+    """Throughput of each architecture of ``--gpu-models`` (BERT-base, GPT-2 small, and
+    Gemma-3-270m / SmolLM2-135M shapes), one after the other."""
+    out = {}
+    for kind in args.gpu_models:
+        out[kind] = _gpu_one(args, kind)
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def _gpu_one(args, kind: str) -> dict:
     dev = torch.device(args.device)
-    lm = build_model("bert", args.size, args.device)
+    lm = build_model(kind, args.size, args.device)
     queries = [q.encoded for q in single_token_queries(lm, args.queries)]
     sizes = args.gpu_batch_sizes
     # precision: fp32; tf32 (fp32 storage, TensorFloat-32 matmuls, CUDA only); bf16 autocast
@@ -390,19 +434,21 @@ def mode_gpu(args) -> dict:
                                     if dev.type == "cuda" else None),
                    **{f"vs_fp32_{k}": v for k, v in agreement(scores, ref).items()}}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({"model": kind, **row}), flush=True)
     out = {"device": str(dev), "n_queries": len(queries), "steps": args.steps, "runs": rows,
            "best_queries_per_s": max(r["queries_per_s"] for r in rows)}
     if args.check_cpu and dev.type != "cpu":
         # the same model (same seed) on the CPU, all cores: the device's fp32 numbers agree
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or 1)
-        cpu_lm = build_model("bert", args.size, "cpu")
+        cpu_lm = build_model(kind, args.size, "cpu")
         cpu = attribute(cpu_lm, queries[:args.check_cpu], method="amig", steps=args.steps)
         torch.set_num_threads(threads)
         out["fp32_vs_cpu"] = agreement(ref[:args.check_cpu], np.stack([r.scores for r in cpu]))
-        print("fp32 on the device vs the CPU:", out["fp32_vs_cpu"], flush=True)
-    return {"bert": out}
+        print(f"{kind}: fp32 on the device vs the CPU:", out["fp32_vs_cpu"], flush=True)
+    out["model"] = {"model_type": lm.spec.model_type, "n_layers": lm.n_layers, "d_ff": lm.d_ff,
+                    "vocab_size": int(lm.model.config.vocab_size)}
+    return out
 
 
 MODES = {"reference": mode_reference, "amig": mode_amig, "quadrature": mode_quadrature,
@@ -423,6 +469,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--batch-size", type=int, default=None, help="our engine's rows per pass")
     p.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=None)
+    p.add_argument("--gpu-models", nargs="+", choices=GPU_MODELS, default=list(GPU_MODELS),
+                   help="gpu mode: architectures (default: all four)")
     p.add_argument("--autocast", action="store_true", help="gpu mode on cpu: also bf16")
     p.add_argument("--check-cpu", type=int, default=0, metavar="N",
                    help="gpu mode: also compare the first N queries with a CPU run")

@@ -3,7 +3,7 @@ import logging
 
 from kneurons.io import write_json, write_parquet
 from kneurons.logs import configure
-from kneurons.mlama import check_dropped_relations, read_mlama
+from kneurons.mlama import cap_facts_per_relation, check_dropped_relations, read_mlama
 
 configure(snakemake.log[0], echo_warnings=True)
 params = snakemake.params
@@ -11,6 +11,10 @@ relations = None if params.relations == "all" else list(params.relations)
 table, report = read_mlama(
     params.source, snakemake.wildcards.lang, relations, to_simplified=params.to_simplified
 )
+if params.max_facts_per_relation is not None:
+    table = cap_facts_per_relation(table, params.max_facts_per_relation, params.cap_seed)
+    report["max_facts_per_relation"] = params.max_facts_per_relation
+    report["facts_kept"] = len(table)
 logging.info("%s: kept %d facts in %d relations", snakemake.wildcards.lang, len(table),
              table["relation"].nunique())
 check_dropped_relations(report, strict=params.strict)

@@ -34,7 +34,7 @@ def raw_site(lm, layer: int, site: str = "post"):
     if t == "gpt2":
         blk = m.transformer.h[layer]
         return (blk.mlp.c_proj, True) if site == "post" else (blk.mlp.c_fc, False)
-    if t == "llama":
+    if t in ("llama", "gemma3_text"):
         return m.model.layers[layer].mlp.down_proj, True
     if t == "gpt_neox":
         return m.gpt_neox.layers[layer].mlp.dense_4h_to_h, True
@@ -149,9 +149,85 @@ def without_head(lm):
     return dataclasses.replace(lm, spec=dataclasses.replace(lm.spec, head=None))
 
 
+def build_gemma3(seed: int = 0, **overrides):
+    """A tiny random Gemma 3 (text) LM: GeGLU FFN, post-FFN RMSNorm, sliding and global
+    attention layers, tied embeddings scaled by sqrt(hidden), and a final logit softcap (off in
+    Gemma 3's default config, set here so that the registry's head must apply it)."""
+    from conftest import make_bpe_tokenizer
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from kneurons.models import wrap_model
+
+    torch.manual_seed(seed)
+    tok = make_bpe_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, intermediate_size=40,
+               max_position_embeddings=64, initializer_range=0.2, sliding_window=4,
+               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+               final_logit_softcapping=3.0, query_pre_attn_scalar=8,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.eos_token_id)
+    cfg.update(overrides)
+    return wrap_model(Gemma3ForCausalLM(Gemma3TextConfig(**cfg)), tok, "causal")
+
+
+def build_gemma2(seed: int = 0):
+    """A tiny random Gemma 2: it falls out of the Gemma 3 registry entry (same layout,
+    softcapped logits)."""
+    from conftest import make_bpe_tokenizer
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from kneurons.models import wrap_model
+
+    torch.manual_seed(seed)
+    tok = make_bpe_tokenizer()
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       intermediate_size=40, max_position_embeddings=64, initializer_range=0.2,
+                       query_pre_attn_scalar=8, final_logit_softcapping=2.0,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.eos_token_id)
+    return wrap_model(Gemma2ForCausalLM(cfg), tok, "causal")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3():
+    return build_gemma3()  # sliding window 4 < query lengths: the full-block path
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_wide():
+    return build_gemma3(sliding_window=64)  # every query inside the window: one-position path
+
+
+def test_gemma3_head_applies_the_logit_softcap(tiny_gemma3):
+    # the registry's head on the last block's output gives the model's own (softcapped) logits
+    lm = tiny_gemma3
+    ids = torch.as_tensor([encode_query(lm, EN, "Tanzania", "Dodoma").input_ids])
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids).logits  # [1, S, V]
+        got = lm.spec.head(lm.model, _last_hidden(lm, ids))
+        uncapped = lm.model.lm_head(lm.model.model.norm(_last_hidden(lm, ids)))
+    assert ref.abs().max() < 3.0 < uncapped.abs().max()  # the cap is active
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _last_hidden(lm, ids: torch.Tensor) -> torch.Tensor:
+    """The last block's output (before the final norm), by a hook on the block."""
+    seen = {}
+    h = lm.blocks()[-1].register_forward_hook(
+        lambda m, a, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=ids)
+    finally:
+        h.remove()
+    return seen["h"]
+
+
 # ----------------------------------------------------------------------------- captum
 @pytest.mark.parametrize("quad", sorted(CAPTUM_METHOD))
-@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2"])
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_gemma3"])
 def test_ig_matches_captum(name, quad, request):
     lm = request.getfixturevalue(name)
     q = argmax_query(lm, EN, "Tanzania", "Dodoma")
@@ -200,7 +276,7 @@ def test_pre_activation_site_matches_captum(tiny_gpt2):
     assert not np.allclose(res.scores, post.scores, atol=1e-2 * np.abs(post.scores).max())
 
 
-@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2"])
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_gemma3"])
 def test_amig_is_mean_of_captum_ig_over_token_baselines(name, request):
     lm = request.getfixturevalue(name)
     q = argmax_query(lm, EN, "Tanzania", "Dodoma")
@@ -224,6 +300,8 @@ def test_amig_is_mean_of_captum_ig_over_token_baselines(name, request):
     ("tiny_gpt2", EN, "Tanzania", None),
     ("tiny_bert", ZH, "坦桑尼亚", "斯瓦希里语"),      # zh, multi-token
     ("tiny_gpt2", "[X] is located in [Y] .", "Kilimanjaro", "Tanzania"),
+    ("tiny_llama", EN, "Tanzania", None),
+    ("tiny_llama", ZH, "坦桑尼亚", "斯瓦希里语"),
 ])
 def test_completeness(name, template, subject, target, method, request):
     lm = request.getfixturevalue(name)
@@ -245,6 +323,40 @@ def test_completeness(name, template, subject, target, method, request):
                                atol=1e-7)
 
 
+@pytest.mark.parametrize("template,subject,target", [
+    (EN, "Tanzania", None), (ZH, "坦桑尼亚", None)])
+def test_completeness_gemma3_amig(tiny_gemma3, template, subject, target):
+    lm = tiny_gemma3
+    q = (argmax_query(lm, template, subject, "Dodoma") if target is None
+         else encode_query(lm, template, subject, target))
+    exp = expected_sums(lm, q, "amig")
+    assert np.abs(exp).max() > 1e-4
+    np.testing.assert_allclose(probability_gap(lm, q, method="amig"), exp, rtol=1e-4, atol=1e-7)
+    (gl,) = attribute(lm, [q], method="amig", steps=12, quadrature="gauss-legendre")
+    got = gl.scores.sum(axis=1)
+    assert np.all(np.abs(got - exp) <= 0.01 * np.abs(exp) + 1e-6), (got, exp)
+
+
+def test_zero_baseline_is_degenerate_on_gemma3(tiny_gemma3):
+    # Gemma normalises the FFN output (post_feedforward_layernorm) before the residual: the
+    # block is invariant to scaling the activation, so P(alpha a) is flat for alpha > 0 and
+    # jumps at 0. IG's integral misses the jump: completeness fails, whatever the steps.
+    lm = tiny_gemma3
+    q = argmax_query(lm, EN, "Tanzania", "Dodoma")
+    layer, t = 1, 0
+    a = activation(lm, q.input_ids, layer, q.target_positions[t])
+    f = prob_fn(lm, q, layer, t)
+    with torch.no_grad():
+        flat = f(torch.stack([alpha * a for alpha in (0.05, 0.5, 1.0)]))
+        at_zero = f(torch.zeros(1, lm.d_ff))
+    assert float(flat.max() - flat.min()) < 1e-4 * float(flat.max())
+    assert abs(float(at_zero[0] - flat[-1])) > 5e-3 * float(flat.max())  # the jump at 0
+    gap = probability_gap(lm, q, method="ig")
+    (res,) = attribute(lm, [q], method="ig", steps=50)
+    error = np.abs(res.scores.sum(axis=1) - gap).sum() / np.abs(gap).sum()
+    assert error > 0.5
+
+
 # ----------------------------------------------------------------------------- engine
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name,template,subject,target", [
@@ -263,7 +375,7 @@ def test_engine_equals_naive_loop(name, template, subject, target, method, reque
 
 
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_roberta", "tiny_llama",
-                                  "tiny_neox"])
+                                  "tiny_neox", "tiny_gemma3", "tiny_gemma3_wide"])
 def test_fallback_path_equals_fast_path(name, request):
     lm = request.getfixturevalue(name)
     qs = [encode_query(lm, EN, "Tanzania", "Dodoma"),
@@ -406,7 +518,8 @@ def test_knowledge_neurons_threshold_and_cap():
 
 
 @pytest.mark.parametrize("name,path", [("tiny_gpt2", "_run_causal"), ("tiny_llama", "_run_causal"),
-                                       ("tiny_neox", "_run_causal"), ("tiny_bert", "_run_masked"),
+                                       ("tiny_neox", "_run_causal"), ("tiny_gemma3_wide", "_run_causal"),
+                                       ("tiny_bert", "_run_masked"),
                                        ("tiny_roberta", "_run_masked")])
 def test_fast_models_take_the_one_position_paths(name, path, request, monkeypatch):
     # causal LMs run each row on its own position against cached keys/values, masked LMs the
@@ -439,11 +552,11 @@ def test_one_position_paths_with_eager_attention(kind):
         np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma2"])
 def test_fast_path_equals_fallback_for_the_other_registered_causal_models(kind):
     from conftest import build
 
-    lm = build(kind)
+    lm = build_gemma2() if kind == "gemma2" else build(kind)
     qs = [encode_query(lm, EN, "Tanzania", "Dodoma"),
           encode_query(lm, "[X] is located in [Y] .", "Kilimanjaro", "Tanzania")]
     fast = attribute(lm, qs, method="amig", steps=3)
@@ -451,3 +564,65 @@ def test_fast_path_equals_fallback_for_the_other_registered_causal_models(kind):
     for f, s in zip(fast, slow):
         assert np.abs(f.scores).max() > 0
         np.testing.assert_allclose(f.scores, s.scores, rtol=0, atol=1e-5 * np.abs(s.scores).max())
+
+
+# ----------------------------------------------------------------------------- shards
+def _candidates(lm):
+    import pandas as pd
+
+    facts = pd.DataFrame({
+        "uuid": ["u1", "u2"], "lineid": [1, 2], "relation": ["P36", "P36"],
+        "template": [EN, "[X] is located in [Y] ."], "sub_label": ["Tanzania", "Kilimanjaro"],
+        "obj_uri": ["Q1", "Q2"], "obj_label": ["Dodoma", "Tanzania"],
+        "wrong_obj_uri": ["Q3", "Q4"], "wrong_obj_label": ["Paris", "France"]})
+    from kneurons.shards import candidate_table
+    return candidate_table(facts, "discovery")
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
+def test_shard_records_the_completeness_error(name, request, caplog):
+    from kneurons.records import COMPLETENESS_TOLERANCE, completeness_error
+    from kneurons.shards import _warn_incomplete, attribute_candidates, check_layers
+
+    lm = request.getfixturevalue(name)
+    cands = _candidates(lm)
+    recs = attribute_candidates(lm, cands, method="amig", steps=12, quadrature="gauss-legendre",
+                                keep_top=5)
+    errors = recs["completeness_error"].to_numpy()
+    assert len(errors) == len(cands) and np.all(errors < COMPLETENESS_TOLERANCE)
+    q = encode_query(lm, EN, "Tanzania", "Dodoma")
+    (res,) = attribute(lm, [q], method="amig", steps=12, quadrature="gauss-legendre")
+    checked = check_layers(lm.n_layers)
+    assert checked == [0, lm.n_layers // 2, lm.n_layers - 1] if lm.n_layers == 3 else checked
+    assert errors[0] == pytest.approx(completeness_error(
+        res.scores[checked], probability_gap(lm, q, method="amig")[checked]), rel=0.05, abs=1e-6)
+    with caplog.at_level("INFO"):
+        assert _warn_incomplete(recs, "amig", lm.spec.model_type) == 0
+    assert "WARNING" not in caplog.text
+
+
+def test_shard_warns_about_the_degenerate_zero_baseline(tiny_gemma3, caplog):
+    from kneurons.shards import _warn_incomplete, attribute_candidates
+
+    recs = attribute_candidates(tiny_gemma3, _candidates(tiny_gemma3), method="ig", steps=20,
+                                quadrature="riemann", keep_top=5)
+    assert (recs["completeness_error"] > 0.5).all()
+    with caplog.at_level("WARNING"):
+        assert _warn_incomplete(recs, "ig", "gemma3_text") == len(recs)
+    assert "2 of 2 queries" in caplog.text and "degenerate on gemma3_text" in caplog.text
+
+
+def test_completeness_error_formula():
+    from kneurons.records import completeness_error
+    from kneurons.shards import check_layers
+
+    assert check_layers(30) == [0, 14, 29] and check_layers(2) == [0, 1]
+    assert check_layers(1) == [0]
+
+    scores = np.array([[0.1, 0.2], [0.0, -0.1]])
+    assert completeness_error(scores, np.array([0.3, -0.2])) == pytest.approx(0.1 / 0.5)
+    # tiny gaps: measured against the floor (1e-3 probability units)
+    tiny = np.array([[1e-6, 0.0], [0.0, 0.0]])
+    assert completeness_error(tiny, np.array([3e-6, 0.0])) == pytest.approx(2e-6 / 1e-3)
+    assert completeness_error(np.zeros((2, 2)), np.zeros(2)) == 0.0
+

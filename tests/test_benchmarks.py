@@ -62,8 +62,22 @@ def test_quadrature_mode(bench, tmp_path):
 def test_gpu_mode_runs_on_the_cpu(bench, tmp_path):
     res = run(bench, tmp_path, "gpu", "--device", "cpu", "--queries", "2",
               "--gpu-batch-sizes", "16", "64")
-    r = res["results"]["bert"]
-    assert r["device"] == "cpu" and len(r["runs"]) == 2
-    assert all(run["queries_per_s"] > 0 for run in r["runs"])
-    # batch size changes no number
-    assert r["runs"][1]["vs_fp32_pearson_r"] > 0.999999
+    assert sorted(res["results"]) == sorted(bench.GPU_MODELS)
+    for kind, r in res["results"].items():
+        assert r["device"] == "cpu" and len(r["runs"]) == 2
+        assert all(run["queries_per_s"] > 0 for run in r["runs"])
+        # batch size changes no number
+        assert r["runs"][1]["vs_fp32_pearson_r"] > 0.999999, kind
+    assert res["results"]["gemma3"]["model"]["model_type"] == "gemma3_text"
+    assert res["results"]["smollm2"]["model"]["model_type"] == "llama"
+
+
+def test_gpu_sizes_are_the_real_models_shapes(bench):
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    gemma = Gemma3TextConfig(**bench.SIZES["base"]["gemma3"])
+    assert (gemma.num_hidden_layers, gemma.hidden_size, gemma.intermediate_size,
+            gemma.vocab_size) == (18, 640, 2048, 262144)
+    smol = LlamaConfig(**bench.SIZES["base"]["smollm2"])
+    assert (smol.num_hidden_layers, smol.hidden_size, smol.intermediate_size,
+            smol.vocab_size, smol.tie_word_embeddings) == (30, 576, 1536, 49152, True)

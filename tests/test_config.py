@@ -17,13 +17,13 @@ SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text
 
 def test_numeric_strings_become_numbers_where_the_schema_says_so():
     config = {"seed": "7", "neurons": {"max_kn": "10", "kn_threshold": "0.25"},
-              "factcheck": {"threshold": "0.5"}, "toy": {"vocab_size": "null", "paraphrases": "false"},
+              "factcheck": {"thresholds": ["0.5", "auto"]}, "toy": {"vocab_size": "null", "paraphrases": "false"},
               "mlama": {"languages": ["en"], "source": "123", "sha256": None},
               "models": {"m": {"toy": "true", "arch": "masked", "languages": ["en"], "revision": "42"}}}
     coerce_strings(config, SCHEMA)
     assert config["seed"] == 7 and isinstance(config["seed"], int)
     assert config["neurons"] == {"max_kn": 10, "kn_threshold": 0.25}
-    assert config["factcheck"]["threshold"] == 0.5
+    assert config["factcheck"]["thresholds"] == [0.5, "auto"]
     assert config["toy"] == {"vocab_size": None, "paraphrases": False}
     assert config["mlama"]["source"] == "123"  # a string key stays a string
     assert config["models"]["m"]["toy"] is True
@@ -31,9 +31,9 @@ def test_numeric_strings_become_numbers_where_the_schema_says_so():
 
 
 def test_strings_the_schema_accepts_stay_strings():
-    config = {"factcheck": {"threshold": "auto"}, "attribution": {"method": "ig", "steps": "many"}}
+    config = {"factcheck": {"thresholds": ["auto"]}, "attribution": {"method": "ig", "steps": "many"}}
     coerce_strings(config, SCHEMA)
-    assert config == {"factcheck": {"threshold": "auto"},
+    assert config == {"factcheck": {"thresholds": ["auto"]},
                       "attribution": {"method": "ig", "steps": "many"}}  # "many": the schema says
 
 
@@ -80,7 +80,7 @@ def test_values_that_cannot_work_stop_the_dry_run_naming_the_key(tmp_path, chang
 
 def test_nested_config_strings_are_coerced_before_validation(tmp_path):
     result = dry_run(tmp_path, tiny_config(), "--config", 'neurons={"max_kn": "10"}',
-                     'factcheck={"threshold": "0.5"}', "seed=7", "--printshellcmds")
+                     'factcheck={"thresholds": ["0.5", "auto"]}', "seed=7", "--printshellcmds")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     result = dry_run(tmp_path, tiny_config(), "--config", 'attribution={"steps": "3"}')
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -553,3 +553,25 @@ def test_languages_with_different_relation_sets_are_a_warning(caplog):
         "relation P19 is in en but not in fr, zh: the languages have different relation sets",
         "relation P20 is in fr but not in en, zh: the languages have different relation sets"]
     assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+
+
+def test_cap_facts_per_relation_is_seeded_uuid_consistent_and_nested():
+    import pandas as pd
+
+    from kneurons.mlama import cap_facts_per_relation
+
+    facts = pd.DataFrame({"uuid": [f"u{i}" for i in range(30)],
+                          "relation": ["P17"] * 20 + ["P36"] * 10, "lineid": range(30)})
+    small = cap_facts_per_relation(facts, 4, seed=1)
+    assert small.groupby("relation").size().to_dict() == {"P17": 4, "P36": 4}
+    assert list(small["lineid"]) == sorted(small["lineid"])  # row order kept
+    # another language: the same uuids in another order keep the same facts
+    other = facts.sample(frac=1.0, random_state=0)
+    assert set(cap_facts_per_relation(other, 4, seed=1)["uuid"]) == set(small["uuid"])
+    large = cap_facts_per_relation(facts, 8, seed=1)
+    assert set(small["uuid"]) < set(large["uuid"])  # a larger cap keeps a superset
+    assert set(cap_facts_per_relation(facts, 4, seed=2)["uuid"]) != set(small["uuid"])
+    assert cap_facts_per_relation(facts, None, seed=1) is facts
+    assert len(cap_facts_per_relation(facts, 50, seed=1)) == 30
+    with pytest.raises(ValueError):
+        cap_facts_per_relation(facts, 0, seed=1)

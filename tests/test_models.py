@@ -10,7 +10,8 @@ from kneurons.models import ARCHITECTURES, UnsupportedArchitecture, get_spec, lo
 
 
 def test_registry_covers_required_architectures():
-    for name in ("bert", "gpt2", "roberta", "xlm-roberta", "llama", "gpt_neox"):
+    for name in ("bert", "gpt2", "roberta", "xlm-roberta", "llama", "gpt_neox", "gemma2",
+                 "gemma3_text"):
         assert ARCHITECTURES[name].model_type == name
 
 
@@ -98,3 +99,10 @@ def test_a_missing_local_model_path_is_named(tmp_path, monkeypatch, source):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"model path {source} does not exist"):
         load_model(source, "masked")
+
+
+def test_gemma_entries_are_causal_with_the_softcapped_head():
+    for name in ("gemma2", "gemma3_text"):
+        spec = ARCHITECTURES[name]
+        assert spec.kinds == frozenset({"causal"}) and spec.head is not None
+    assert ARCHITECTURES["gemma3_text"].head is not ARCHITECTURES["llama"].head

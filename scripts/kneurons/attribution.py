@@ -180,7 +180,10 @@ def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int]
         grp.cache_arg = next((k for k, v in call.items()
                               if type(v).__name__.endswith("Cache")), None)
         cache = out.past_key_values
-        if grp.cache_arg is not None and hasattr(cache, "layers"):
+        # a sliding-window layer's cache may hold fewer positions than the input: such
+        # groups take the full-block path (its captured masks know the window)
+        if grp.cache_arg is not None and hasattr(cache, "layers") and all(
+                cache.layers[j].keys.shape[2] == ids.shape[1] for j in block_layers):
             grp.kv = {j: (cache.layers[j].keys, cache.layers[j].values) for j in block_layers}
     elif fast and lm.spec.kv is not None:
         grp.cache_arg = lm.spec.cache_arg

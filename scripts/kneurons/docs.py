@@ -113,10 +113,26 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with ``+changes`` when the tree differs from it), if a git one."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                              capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty.strip() else "")
+
+
 def machine_info() -> dict:
     """The machine and software a run's numbers come from (float results differ between CPUs)."""
     return {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "commit": _commit(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
@@ -146,7 +162,9 @@ def run_summary(title: str, info: dict, reports: list[Path], figures: list[Path]
         "",
         "<!-- generated from the run's outputs by the summarize_run rule; do not edit -->",
         "",
-        f"Run finished {info['date_utc']} UTC on {info['cpu']} ({info['cores']} cores), "
+        f"Run finished {info['date_utc']} UTC"
+        + (f" with kneurons at commit {info['commit']}" if info.get("commit") else "")
+        + f", on {info['cpu']} ({info['cores']} cores), "
         f"{info['platform']}, Python {info['python']}, {packages}. Float results differ "
         "between CPUs (and so do the toy models trained on them): another machine gives "
         "other numbers.",

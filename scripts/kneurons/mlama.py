@@ -500,3 +500,20 @@ def _convert_column(facts: pd.DataFrame, col: str, convert: Callable[[str], str]
     facts[col] = facts[col].map(mapping).astype("str")
     return sum(before != after for before, after in mapping.items())
 
+
+
+def cap_facts_per_relation(facts: pd.DataFrame, max_per_relation: int | None,
+                           seed: int) -> pd.DataFrame:
+    """At most ``max_per_relation`` facts of each relation (None: all), a seeded choice.
+
+    A fact is kept by the rank of ``sha256(seed:uuid)`` within its relation, so every
+    language keeps the same facts (a uuid names one fact in every language of mLAMA) and a
+    larger cap keeps a superset. Row order stays that of ``facts``.
+    """
+    if max_per_relation is None:
+        return facts
+    if max_per_relation < 1:
+        raise ValueError(f"max_per_relation must be >= 1 or None, got {max_per_relation}")
+    key = facts["uuid"].map(lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())
+    rank = key.groupby(facts["relation"]).rank(method="first")
+    return facts[rank <= max_per_relation].reset_index(drop=True)

@@ -78,13 +78,24 @@ def _bert_like(model_type: str, base: str, head_attr: str) -> ArchSpec:
     )
 
 
-def _llama_like(model_type: str) -> ArchSpec:
+def _softcapped_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Final norm, LM head, and Gemma 2/3's ``final_logit_softcapping`` (cap * tanh(z / cap))
+    where the config sets it, as their ``forward`` does. (Gemma's embedding scaling by
+    sqrt(hidden) happens in the embedding module, below every block, so the head needs none.)"""
+    logits = m.lm_head(m.model.norm(h))  # [n, vocab]
+    cap = getattr(m.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _llama_like(model_type: str, softcap: bool = False) -> ArchSpec:
     return ArchSpec(
         model_type=model_type,
         blocks=lambda m: m.model.layers,
         ffn_site=lambda b: b.mlp.down_proj,
         ffn_in=None,  # gated FFN: act(gate_proj(x)) * up_proj(x) has no single pre-activation
-        head=lambda m, h: m.lm_head(m.model.norm(h)),
+        head=_softcapped_head if softcap else (lambda m, h: m.lm_head(m.model.norm(h))),
         kinds=frozenset({"causal"}),
     )
 
@@ -118,6 +129,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _llama_like("llama"),
     "mistral": _llama_like("mistral"),
     "qwen2": _llama_like("qwen2"),
+    # Gemma 2/3 (text): GeGLU FFN whose output passes post_feedforward_layernorm (an RMSNorm)
+    # before the residual, so the zero-baseline path of ``ig`` is degenerate there (see
+    # kneurons.attribution.probability_gap and the shards' completeness_error)
+    "gemma2": _llama_like("gemma2", softcap=True),
+    "gemma3_text": _llama_like("gemma3_text", softcap=True),
 }
 
 

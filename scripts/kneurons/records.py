@@ -41,6 +41,13 @@ twice float16's size (the cost at paper scale is in docs/differences.md). A per-
 float16 would halve that but still lose values ~1e-5 times smaller than the row's largest.
 
 The parquet metadata holds ``n_layers``, ``d_ff``, ``method`` and ``steps``.
+
+Column ``completeness_error`` (float64, a ratio): the attribution's convergence error,
+sum over layers |sum of the layer's scores - gap| / max(sum |gap|, ``COMPLETENESS_GAP_FLOOR``),
+over the first, middle and last layer (``shards.check_layers``), gap =
+``attribution.probability_gap`` (probability units). Above ``COMPLETENESS_TOLERANCE`` the
+scores do not integrate to the probability change: too few steps, or a degenerate path
+(``ig`` on Gemma's post-normalised FFNs).
 """
 
 from __future__ import annotations
@@ -94,6 +101,20 @@ def read_shards(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, dict]:
     if metadata is None:
         raise ValueError("no shards given")
     return pd.concat(frames, ignore_index=True), metadata
+
+
+COMPLETENESS_TOLERANCE = 0.05  # completeness_error above which a shard warns
+# probability units: below this total gap the error is measured against it instead (an
+# object of P = 1e-6 has gaps of 1e-6, whose relative error says nothing about its scores)
+COMPLETENESS_GAP_FLOOR = 1e-3
+
+
+def completeness_error(scores: np.ndarray, gap: np.ndarray) -> float:
+    """sum_l |sum_j scores[l, j] - gap[l]| / max(sum_l |gap[l]|, COMPLETENESS_GAP_FLOOR) for
+    scores [n_layers, d_ff] and gap [n_layers] (probability units)."""
+    total = max(float(np.abs(gap).sum()), COMPLETENESS_GAP_FLOOR)
+    return float(np.abs(scores.sum(axis=1) - gap).sum() / total)
+
 
 def score_matrix(record_scores: bytes, n_layers: int, d_ff: int) -> np.ndarray:
     """The float32 [n_layers, d_ff] score matrix of a checked record."""

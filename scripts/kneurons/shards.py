@@ -16,7 +16,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from .attribution import attribute
+from .attribution import probability_gap
 from .checkpoint import Checkpoint, open_checkpoint
+from .records import COMPLETENESS_TOLERANCE, completeness_error
 from .models import LanguageModel
 from .queries import encode_query
 from .records import SCORE_DTYPE, top_neurons, write_shard
@@ -91,13 +93,21 @@ def attribute_candidates(
         results = attribute(lm, queries, method=method, steps=steps, quadrature=quadrature)
         log.debug("%d queries in %.2f s", len(queries), time.perf_counter() - tic)
         chunk = _records(rows, queries, results, keep_top)
+        tic = time.perf_counter()
+        checked = check_layers(lm.n_layers)
+        chunk["completeness_error"] = [  # direct forwards: 3 layers x object tokens per query
+            completeness_error(result.scores[checked],
+                               probability_gap(lm, query, method=method, layers=checked)[checked])
+            for query, result in zip(queries, results)]
+        log.debug("completeness of %d queries in %.2f s", len(queries), time.perf_counter() - tic)
         if checkpoint is not None:
             checkpoint.append(chunk)
         records.append(chunk)
         bar.update(len(rows))
     bar.close()
     if not records:
-        return _records(candidates.iloc[:0], [], [], keep_top)
+        return _records(candidates.iloc[:0], [], [], keep_top).assign(
+            completeness_error=np.zeros(0))
     return pd.concat(records, ignore_index=True)
 
 
@@ -126,6 +136,32 @@ def _records(rows: pd.DataFrame, queries: Sequence, results: Sequence, keep_top:
 
 
 
+
+
+def check_layers(n_layers: int, n_checked: int = 3) -> list[int]:
+    """The layers whose completeness a shard checks: first, middle and last (a full check
+    costs one forward per layer and object token, more than a Gauss-Legendre attribution)."""
+    return sorted({round(i * (n_layers - 1) / max(1, n_checked - 1)) for i in range(n_checked)})
+
+
+def _warn_incomplete(records: pd.DataFrame, method: str, model_type: str) -> int:
+    """Log a WARNING when queries' scores miss the completeness property; returns their count."""
+    errors = records["completeness_error"] if "completeness_error" in records else pd.Series([])
+    bad = int((errors > COMPLETENESS_TOLERANCE).sum())
+    if bad:
+        why = (f"{method} with the zero baseline is degenerate on {model_type}, whose FFN output "
+               "is normalised (P(alpha a) is flat for alpha > 0): use amig" if method == "ig"
+               and model_type in ("gemma2", "gemma3_text") else "more steps may be needed")
+        log.warning("WARNING: %d of %d queries have a completeness error above %.0f%% "
+                    "(median %.3g, max %.3g): their scores do not add up to the probability "
+                    "gap; %s", bad, len(records), 100 * COMPLETENESS_TOLERANCE,
+                    float(errors.median()), float(errors.max()), why)
+    else:
+        log.info("completeness error of %d queries: median %.3g, max %.3g (tolerance %.0f%%)",
+                 len(records), float(errors.median()) if len(errors) else float("nan"),
+                 float(errors.max()) if len(errors) else float("nan"),
+                 100 * COMPLETENESS_TOLERANCE)
+    return bad
 
 
 def run_shard(
@@ -165,6 +201,7 @@ def run_shard(
                                    quadrature=quadrature, keep_top=keep_top,
                                    batch_queries=batch_queries, checkpoint=checkpoint,
                                    progress=progress)
+    _warn_incomplete(records, method, lm.spec.model_type)
     write_shard(records, output, dict(n_layers=lm.n_layers, d_ff=lm.d_ff, method=method,
                                       steps=steps, quadrature=quadrature))
     checkpoint.remove()

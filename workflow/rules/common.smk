@@ -37,6 +37,7 @@ VERSIONS = {
     "factcheck": 2,  # 2: λ settings, both populations, dropped facts counted
     "likn": 2,
     "localization": 1,
+    "import": 1,  # = kneurons.gguf.IMPORT_VERSION
 }
 
 LANGUAGES = list(config["mlama"]["languages"])
@@ -127,8 +128,10 @@ def mlama_source_path():
 
 
 def model_input(wildcards):
-    """A toy model's trained folder; pretrained models come from the hub cache (no input)."""
-    if MODELS[wildcards.model].get("toy"):
+    """A toy model's trained folder or a GGUF model's imported one; hub models come from the
+    hub cache (no input)."""
+    spec = MODELS[wildcards.model]
+    if spec.get("toy") or spec.get("gguf"):
         return f"results/models/{wildcards.model}/model"
     return []
 
@@ -144,6 +147,15 @@ def model_params(wildcards):
             "trust_remote_code": False,
             "toy": True,
         }
+    if spec.get("gguf"):
+        return {
+            "source": f"results/models/{wildcards.model}/model",
+            "arch": spec["arch"],
+            "revision": None,
+            "trust_remote_code": False,
+            "toy": False,
+            "gguf": gguf_source(wildcards.model),
+        }
     return {
         "source": spec["hf_id"],
         "arch": spec["arch"],
@@ -151,6 +163,19 @@ def model_params(wildcards):
         "trust_remote_code": spec.get("trust_remote_code", False),
         "toy": False,
     }
+
+
+def gguf_source(alias):
+    """A GGUF model's source as plain values in a fixed key order (sha256 null if not given)."""
+    source = MODELS[alias]["gguf"]
+    return {key: source.get(key) for key in ("file", "package", "sha256", "version")}
+
+
+def model_aliases(kind):
+    """Regex of the aliases of one kind ("toy" or "gguf"): the model wildcard of the rule
+    that makes their folder (never matches when there are none)."""
+    aliases = [alias for alias, spec in MODELS.items() if spec.get(kind)]
+    return "|".join(re.escape(alias) for alias in aliases) or "(?!)"
 
 
 def model_languages(alias):

@@ -30,6 +30,8 @@ rule prepare_mlama:
     params:
         source=mlama_source_path(),
         relations=config["mlama"]["relations"],
+        max_facts_per_relation=config["mlama"]["max_facts_per_relation"],
+        cap_seed=config["seed"] if config["mlama"]["max_facts_per_relation"] else None,
         to_simplified=config["mlama"]["to_simplified"],
         strict=config["mlama"]["strict"],
         version=VERSIONS["data"],

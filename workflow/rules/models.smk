@@ -1,4 +1,5 @@
-# The toy models of the default run, trained on the bundled facts (the hub is not needed).
+# The models' folders: toy models trained on the bundled facts, GGUF models imported once
+# (the hub is needed for neither).
 
 
 rule train_toy_model:
@@ -17,6 +18,8 @@ rule train_toy_model:
         "logs/models/train_toy_model/{model}.log",
     benchmark:
         "benchmarks/runs/train_toy_model/{model}.tsv"
+    wildcard_constraints:
+        model=model_aliases("toy"),
     conda:
         "../../envs/torch.yaml"
     threads: 2
@@ -31,3 +34,28 @@ rule train_toy_model:
         version=VERSIONS["toy"],
     script:
         "../../scripts/train_toy_model.py"
+
+
+rule import_model:
+    output:
+        model=directory("results/models/{model}/model"),
+        provenance="results/models/{model}/import.json",
+    log:
+        "logs/models/import_model/{model}.log",
+    benchmark:
+        "benchmarks/runs/import_model/{model}.tsv"
+    wildcard_constraints:
+        model=model_aliases("gguf"),
+    conda:
+        "../../envs/gguf.yaml"
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    params:
+        source=lambda wildcards: gguf_source(wildcards.model),
+        arch=lambda wildcards: MODELS[wildcards.model]["arch"],
+        key=lambda wildcards: f"models.{wildcards.model}.gguf",
+        version=VERSIONS["import"],
+    script:
+        "../../scripts/import_model.py"
