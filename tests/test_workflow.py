@@ -284,7 +284,7 @@ def test_dropped_relations_are_warnings_on_the_console_or_errors_with_strict(tmp
 def test_after_snakemake_is_killed_unlock_and_rerun_recover(tmp_path):
     """SIGKILL of snakemake itself while a job runs: the job finishes on its own (its output is
     renamed into place) but Snakemake's bookkeeping never hears of it. ``--unlock`` and a
-    plain rerun (the profile's rerun-incomplete) recover, as docs/recovery.md says."""
+    plain rerun (the profile's rerun-incomplete) recover, as docs/operations.md says."""
     import os
     import signal
     import time
