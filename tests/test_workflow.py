@@ -191,11 +191,11 @@ def planned(workdir: Path, config: dict, *args: str) -> dict[str, int]:
     (lambda c: c["neurons"].update(relation_threshold=0.5),
      {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1}),
     (lambda c: c["split"].update(discovery_fraction=0.7),
-     {"localize_neurons": 4, "report_localization": 1, "split_facts": 1, "attribute_shard": 16, "detect_dkn": 8, "aggregate_dkn": 4,
+     {"localize_neurons": 4, "report_localization": 1, "split_facts": 1, "attribute_shard": 16, "report_completeness": 1, "detect_dkn": 8, "aggregate_dkn": 4,
       "fact_check": 4, "report_fact_check": 1, "find_likn": 2, "edit_likn": 2,
       "report_likn": 1, "summarize_run": 1, "all": 1}),
     (lambda c: c.update(seed=7),
-     {"localize_neurons": 4, "report_localization": 1, "corrupt_facts": 1, "split_facts": 1, "train_toy_model": 2, "attribute_shard": 16,
+     {"localize_neurons": 4, "report_localization": 1, "corrupt_facts": 1, "split_facts": 1, "train_toy_model": 2, "attribute_shard": 16, "report_completeness": 1,
       "detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1,
       "find_likn": 2, "edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1}),
     (lambda c: c["likn"].update(edit_sample=3), {"edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1}),
@@ -204,7 +204,7 @@ def planned(workdir: Path, config: dict, *args: str) -> dict[str, int]:
      {"localize_neurons": 4, "report_localization": 1, "detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1,
       "find_likn": 2, "edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1}),
     (lambda c: c["models"].update({"toy-gpt-en": {"toy": True, "arch": "causal", "languages": ["en"]}}),
-     {"localize_neurons": 1, "report_localization": 1, "train_toy_model": 1, "attribute_shard": 4, "detect_dkn": 2, "aggregate_dkn": 1,
+     {"localize_neurons": 1, "report_localization": 1, "train_toy_model": 1, "attribute_shard": 4, "report_completeness": 1, "detect_dkn": 2, "aggregate_dkn": 1,
       "fact_check": 1, "report_fact_check": 1, "summarize_run": 1, "all": 1}),
 ])
 def test_config_changes_rerun_only_what_they_change(finished_run, change, expected):

@@ -265,9 +265,23 @@ def likn_outputs():
 # ---- the run summary ----------------------------------------------------------------
 
 
+def attribution_runs():
+    """(model, language, part) of every attribution run, in a fixed order."""
+    return [(alias, lang, part) for alias, lang in model_lang_pairs() for part in PARTS]
+
+
+def expand_runs(pattern, shards):
+    """``pattern`` filled for every attribution run and shard, run by run."""
+    return [
+        pattern.format(model=model, lang=lang, part=part, shard=shard)
+        for model, lang, part in attribution_runs()
+        for shard in shards
+    ]
+
+
 def summary_inputs(wildcards):
     """The report pages and PNG figures of every report rule of this run."""
-    reports = [rules.report_fact_check.output]
+    reports = [rules.report_fact_check.output, rules.report_completeness.output]
     if LIKN_MODELS:
         reports.append(rules.report_likn.output)
     if config["localization"]["sample"] > 0:

@@ -17,3 +17,31 @@ rule summarize_run:
         benchmarks="benchmarks/runs",
     script:
         "../../scripts/summarize_run.py"
+
+
+rule report_completeness:
+    input:
+        expand_runs(
+            "results/attribution/{model}/{lang}/{part}/shard-{shard}.parquet", SHARDS
+        ),
+    output:
+        csv="results/reports/completeness.csv",
+        md=report(
+            "results/reports/completeness.md",
+            caption="../report/completeness.rst",
+            category="Convergence check",
+        ),
+    log:
+        "logs/report/report_completeness.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    params:
+        runs=[list(run) for run in attribution_runs()],
+        shards=len(SHARDS),
+        attribution={
+            key: config["attribution"][key]
+            for key in ("method", "steps", "quadrature")
+        },
+    script:
+        "../../scripts/report_completeness.py"
