@@ -14,8 +14,8 @@ lm = load_model(params.model["source"], params.model["arch"], revision=params.mo
                 trust_remote_code=params.model["trust_remote_code"], device=pick_device())
 run_shard(
     lm, pd.read_parquet(snakemake.input.facts), part=wildcards.part, shard=int(wildcards.shard),
-    n_shards=params.shards, method=params.method, steps=params.steps,
-    quadrature=params.quadrature, keep_top=params.keep_top, output=snakemake.output[0],
+    n_shards=science["shards"], method=science["method"], steps=science["steps"],
+    quadrature=science["quadrature"], keep_top=science["keep_top"], output=snakemake.output[0],
     batch_queries=snakemake.resources.get("batch_queries", 8), progress=progress,
     identity=params.model,
 )

@@ -18,9 +18,11 @@ params = snakemake.params
 lm = load_model(params.model["source"], params.model["arch"], revision=params.model["revision"],
                 trust_remote_code=params.model["trust_remote_code"], device=pick_device())
 records, _ = read_shard(snakemake.input.attribution)
-options = {key: params[key] for key in ("kn_threshold", "max_kn", "single_drop", "pair_drop")}
+science = params.science
+options = {key: science[key] for key in ("kn_threshold", "max_kn", "single_drop", "pair_drop")}
 checkpoint = open_checkpoint(Path(snakemake.output[0] + ".checkpoint"),
-                             options={**options, "version": params.version}, model=params.model,
+                             options={**options, "version": science["version"]},
+                             model=params.model,
                              files={"attribution": snakemake.input.attribution,
                                     "facts": snakemake.input.facts})
 found = detect_dkn_records(lm, pd.read_parquet(snakemake.input.facts), records, **options,

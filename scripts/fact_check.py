@@ -10,11 +10,12 @@ from kneurons.logs import configure
 from kneurons.records import read_shards
 
 configure(snakemake.log[0])
+science = snakemake.params.science
 evaluation, meta = read_shards(snakemake.input.evaluation)
 discovery, _ = read_shards(snakemake.input.discovery)
 dkn = dkn_by_relation(json.loads(open(snakemake.input.dkn, encoding="utf-8").read()))
 result = check_facts(evaluation, discovery, dkn, meta["n_layers"], meta["d_ff"],
-                     snakemake.params.thresholds, pd.read_parquet(snakemake.input.facts))
+                     science["thresholds"], pd.read_parquet(snakemake.input.facts))
 logging.info("settings %s, dropped %s: %s", result["settings"], result["dropped"],
              result["metrics"])
 write_json({key: result[key] for key in ("settings", "dropped", "metrics")},

@@ -8,9 +8,11 @@ from kneurons.records import read_shards
 
 configure(snakemake.log[0])
 params = snakemake.params
+science = params.science
 records = {lang: read_shards(snakemake.input[f"attribution_{lang}"])[0]
-           for lang in params.languages}
-table, stats, layers = find_likn(records, params.kn_threshold, params.max_kn, params.seed)
+           for lang in science["languages"]}
+table, stats, layers = find_likn(records, science["kn_threshold"], science["max_kn"],
+                                 science["seed"])
 logging.info("LIKN statistics (all relations):\n%s",
              stats[stats["relation"] == "all"].to_string(index=False))
 write_parquet(table, snakemake.output.likn)

@@ -19,7 +19,7 @@ localize_to(
     quadrature=attribution["quadrature"], kn_threshold=float(params.neurons["kn_threshold"]),
     max_kn=params.neurons["max_kn"], sample=stage["sample"],
     n_related=stage["related_facts"], n_unrelated=stage["unrelated_facts"],
-    enhance_factor=stage["enhance_factor"], seed=params.seed,
+    enhance_factor=stage["enhance_factor"], seed=stage["seed"],
     batch_facts=snakemake.resources.get("batch_facts", 4),
     batch_rows=snakemake.resources.get("batch_rows", 32), identity=params.model,
     progress=progress)

@@ -13,7 +13,9 @@ rule summarize_run:
     conda:
         "../../envs/report.yaml"
     params:
-        name=config["name"],
-        benchmarks="benchmarks/runs",
+        science={
+            "name": config["name"],
+            "benchmarks": "benchmarks/runs",
+        },
     script:
         "../../scripts/summarize_run.py"
