@@ -10,6 +10,7 @@ from kneurons.shards import run_shard
 progress = configure(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 params, wildcards = snakemake.params, snakemake.wildcards
+science = params.science
 lm = load_model(params.model["source"], params.model["arch"], revision=params.model["revision"],
                 trust_remote_code=params.model["trust_remote_code"], device=pick_device())
 run_shard(
