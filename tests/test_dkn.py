@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kneurons.dkn import (aggregate_relations, detect_dkn_records, detect_query_dkn, is_degenerate_drop,
-                          knowledge_neurons_of, relation_dkn, robust_singles)
+                          relation_dkn, robust_singles)
 from kneurons.hooks import FFNEdit, edit_ffn
+from kneurons.neurons import knowledge_neurons_of
 from kneurons.queries import encode_query
 
 

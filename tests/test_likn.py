@@ -17,8 +17,9 @@ from kneurons.likn import (
     ANY_LANGUAGE, EDIT_COLUMNS, control_partners, cross_lingual_editing, dai_edit_delta,
     edit_neuron_sets, edit_summary, edit_value_slots, find_likn, language_groups,
     language_independent_neurons, likn_layer_counts, likn_statistics, likn_table,
-    locality_facts, object_embedding, one_language_neurons, other_fact_likn, random_neurons_like,
-    sample_edit_facts, score_queries, share_of_kn, value_slot)
+    locality_facts, object_embedding, one_language_neurons, other_fact_likn, sample_edit_facts,
+    score_queries, share_of_kn, value_slot)
+from kneurons.neurons import random_neurons_like
 from kneurons.queries import encode_query
 
 # ---- set logic ---------------------------------------------------------------------------

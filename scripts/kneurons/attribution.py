@@ -549,29 +549,6 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
     return results  # type: ignore[return-value]
 
 
-def knowledge_neurons(scores: np.ndarray, threshold: float, max_kn: int | None
-                      ) -> list[tuple[int, int, float]]:
-    """Neurons with ``score > threshold * max(scores)``, as (layer, neuron, score) sorted by
-    score (descending; ties by layer, neuron), at most ``max_kn`` of them. Nothing is
-    selected when the maximum score is not positive. The rule is the workflow's
-    (:func:`kneurons.dkn.knowledge_neurons_of`, which works on a record's stored best
-    neurons), applied here to a full score matrix."""
-    from .dkn import knowledge_neurons_of
-    from .records import top_neurons
-
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError("scores must be [n_layers, d_ff]")
-    top = float(scores.max()) if scores.size else 0.0
-    if not top > 0:
-        return []
-    k = int((scores > threshold * top).sum())
-    layers, neurons, vals = top_neurons(scores, k)  # best first, ties by (layer, neuron)
-    chosen = knowledge_neurons_of(layers, neurons, vals, threshold,
-                                  k if max_kn is None else max(0, int(max_kn)))
-    return [(layer, neuron, float(scores[layer, neuron])) for layer, neuron in chosen]
-
-
 def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "amig",
                     layers: Sequence[int] | None = None, site: str = "post") -> np.ndarray:
     """What the scores of each layer must add up to (the completeness property, the

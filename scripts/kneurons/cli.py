@@ -89,7 +89,7 @@ def read_queries(path: Path, marker: str) -> list[tuple[str, str]]:
 
 
 def _report(i: int | None, res, top: int, n_layers: int) -> None:
-    from .attribution import knowledge_neurons
+    from .neurons import knowledge_neurons
 
     head = "" if i is None else f"[{i}] "
     print(f"{head}P(target) = {res.prob:.6g} (per-token mean; tokens: "

@@ -34,10 +34,8 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from .hooks import suppress_batch
 from .models import LanguageModel
+from .neurons import Neuron, knowledge_neurons_of
 from .queries import EncodedQuery, encode_query
-
-Neuron = tuple[int, int]  # (layer, index in the layer's FFN)
-
 
 @dataclass
 class QueryDKN:
@@ -121,20 +119,6 @@ def relation_dkn(query_dkns: Iterable[Iterable[Neuron]], relation_threshold: flo
     kept = [neuron for neuron, count in counts.items() if count > cutoff]
     kept.sort(key=lambda neuron: (-counts[neuron], neuron))
     return kept, counts
-
-
-def knowledge_neurons_of(top_layers: Sequence[int], top_neurons: Sequence[int],
-                         top_scores: Sequence[float], threshold: float, max_kn: int
-                         ) -> list[Neuron]:
-    """Knowledge neurons from a record's stored best neurons (best first): score above
-    ``threshold`` x the record's maximum score, at most ``max_kn``."""
-    scores = np.asarray(top_scores, dtype=np.float64)
-    if scores.size == 0 or scores[0] <= 0:
-        return []
-    keep = scores > threshold * scores[0]
-    chosen = [(int(layer), int(neuron)) for layer, neuron, k in
-              zip(top_layers, top_neurons, keep) if k]
-    return chosen[:max_kn]
 
 
 def detect_dkn_records(

@@ -6,7 +6,7 @@ shared neurons changes the fact in both languages.
 
 **LIKN** (:func:`language_independent_neurons`, :func:`likn_table`). The KN of a fact in a
 language are those of its true-object attribution record, chosen by the workflow's one rule
-:func:`kneurons.dkn.knowledge_neurons_of` (score above ``kn_threshold`` x the record's
+:func:`kneurons.neurons.knowledge_neurons_of` (score above ``kn_threshold`` x the record's
 maximum, at most ``max_kn``, best first). For a fact (uuid) present in several languages and
 for each *language group* (every pair of the model's languages, and all of them together
 when there are more than two; :func:`language_groups`) its LIKN is the intersection of its KN
@@ -64,7 +64,6 @@ eval_lang, target).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import combinations
@@ -75,9 +74,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .dkn import Neuron, knowledge_neurons_of
 from .hooks import FFNEdit, edit_ffn
 from .models import LanguageModel
+from .neurons import (Neuron, knowledge_neurons_by_fact, random_neurons_like, seeded_rank,
+                      seeded_rng)
 from .queries import EncodedQuery, encode_query, pad_queries
 
 KINDS = ("fact", "control_random", "control_same_relation")
@@ -101,28 +101,7 @@ SUMMARY_COLUMNS = ["operation", "neuron_set", "edit_lang", "eval_lang", "target"
                    "p_wrong_before", "p_wrong_after", "delta_p_wrong", "edit_success"]
 
 
-def _rng(*parts) -> np.random.Generator:
-    """A generator seeded from sha256 of ``parts`` (independent of row order)."""
-    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
-
-
-def _rank(*parts) -> bytes:
-    return hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).digest()
-
-
 # ---- LIKN: sets and statistics (model-free) -----------------------------------------------
-
-def knowledge_neurons_by_fact(records: pd.DataFrame, kn_threshold: float, max_kn: int
-                              ) -> dict[str, list[Neuron]]:
-    """uuid -> KN (best first) of each true-object record of an attribution table."""
-    true = records[records["candidate"] == "true"]
-    if true["uuid"].duplicated().any():
-        raise ValueError("several true-object records of one fact")
-    return {uuid: knowledge_neurons_of(layers, neurons, scores, kn_threshold, max_kn)
-            for uuid, layers, neurons, scores in zip(true["uuid"], true["top_layers"],
-                                                     true["top_neurons"], true["top_scores"])}
-
 
 def language_independent_neurons(kn_sets: Sequence[Iterable[Neuron]]) -> list[Neuron]:
     """The neurons in every one of ``kn_sets``, in the order of the first set (no duplicates)."""
@@ -153,7 +132,7 @@ def control_partners(uuids: Sequence[str], relations: Mapping[str, str], seed: i
     for key, members in sorted(groups.items()):
         if len(members) < 2:
             continue
-        order = [members[i] for i in _rng("likn-control", seed, key).permutation(len(members))]
+        order = [members[i] for i in seeded_rng("likn-control", seed, key).permutation(len(members))]
         partners.update({u: order[(i + 1) % len(order)] for i, u in enumerate(order)})
     return partners
 
@@ -261,22 +240,6 @@ def one_language_neurons(kn_by_lang: Mapping[str, Sequence[Neuron]], lang: str) 
             if n not in others]
 
 
-def random_neurons_like(neurons: Sequence[Neuron], exclude: Iterable[Neuron], d_ff: int,
-                        rng: np.random.Generator) -> list[Neuron]:
-    """Per neuron of ``neurons`` a uniformly drawn distinct neuron of the same layer outside
-    ``exclude``."""
-    taken = {(int(a), int(b)) for a, b in exclude}
-    out = []
-    for layer, _ in neurons:
-        free = [i for i in range(d_ff) if (int(layer), i) not in taken]
-        if not free:
-            raise ValueError(f"no free neuron left in layer {layer}")
-        pick = (int(layer), int(free[rng.integers(len(free))]))
-        taken.add(pick)
-        out.append(pick)
-    return out
-
-
 def edit_neuron_sets(kn_by_lang: Mapping[str, Sequence[Neuron]], d_ff: int, seed: int,
                      uuid: str) -> dict[str, list[Neuron]] | None:
     """The four equal-size sets of one fact (``likn``, ``only_<lang>`` per language,
@@ -294,7 +257,7 @@ def edit_neuron_sets(kn_by_lang: Mapping[str, Sequence[Neuron]], d_ff: int, seed
             return None
         sets[f"only_{lang}"] = only[:k]
     every_kn = [n for s in kn_by_lang.values() for n in s]
-    sets["random"] = random_neurons_like(likn, every_kn, d_ff, _rng("likn-random", seed, uuid))
+    sets["random"] = random_neurons_like(likn, every_kn, d_ff, seeded_rng("likn-random", seed, uuid))
     return sets
 
 
@@ -304,7 +267,7 @@ def other_fact_likn(uuid: str, k: int, likn_of: Mapping[str, Sequence[Neuron]], 
     (seed, uuid), whose LIKN has at least ``k`` neurons; None when there is none. The control
     that tells "this fact's shared neurons" from "neurons shared by many facts"."""
     candidates = sorted((v for v, s in likn_of.items() if v != uuid and len(s) >= k),
-                        key=lambda v: _rank("likn-other", seed, uuid, v))
+                        key=lambda v: seeded_rank("likn-other", seed, uuid, v))
     if not candidates:
         return None
     return [(int(a), int(b)) for a, b in likn_of[candidates[0]][:k]]
@@ -312,7 +275,7 @@ def other_fact_likn(uuid: str, k: int, likn_of: Mapping[str, Sequence[Neuron]], 
 
 def sample_edit_facts(uuids: Iterable[str], n: int, seed: int) -> list[str]:
     """``n`` of ``uuids`` (all when fewer), ranked by sha256("likn-edit", seed, uuid)."""
-    return sorted(set(uuids), key=lambda u: _rank("likn-edit", seed, u))[:n]
+    return sorted(set(uuids), key=lambda u: seeded_rank("likn-edit", seed, u))[:n]
 
 
 def locality_facts(edited: str, candidates: Mapping[str, str], n: int, seed: int) -> list[str]:
@@ -320,7 +283,7 @@ def locality_facts(edited: str, candidates: Mapping[str, str], n: int, seed: int
     ranked by sha256("likn-locality", seed, edited, uuid)."""
     relation = candidates[edited]
     other = [u for u, r in candidates.items() if r != relation]
-    return sorted(other, key=lambda u: _rank("likn-locality", seed, edited, u))[:n]
+    return sorted(other, key=lambda u: seeded_rank("likn-locality", seed, edited, u))[:n]
 
 
 def edit_summary(results: pd.DataFrame) -> pd.DataFrame:

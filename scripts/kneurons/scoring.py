@@ -38,9 +38,9 @@ import torch
 
 from .hooks import FFNEdit, edit_ffn
 from .models import LanguageModel
+from .neurons import Neuron
 from .queries import EncodedQuery, pad_queries
 
-Neuron = tuple[int, int]  # (layer, index in the layer's FFN)
 OPS = ("zero", "scale", "set")
 
 
