@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kneurons.hooks import ffn_hooks, suppress_batch
+from kneurons.hooks import ffn_hooks
+from kneurons.scoring import erased_token_probs
 from kneurons.likn import (
     ANY_LANGUAGE, EDIT_COLUMNS, control_partners, cross_lingual_editing, dai_edit_delta,
     edit_neuron_sets, edit_summary, edit_value_slots, find_likn, language_groups,
@@ -285,7 +286,7 @@ def test_erasing_matches_a_direct_forward_with_patched_activations(lm):
     erased, _ = score_queries(lm, queries, erase=erase)
     assert not np.allclose(plain, erased)
     for q, p in zip(queries, erased):  # the DKN suppression convention, too
-        assert p == pytest.approx(float(suppress_batch(lm, q, [erase]).mean()), rel=1e-5)
+        assert p == pytest.approx(float(erased_token_probs(lm, q, [erase]).mean()), rel=1e-5)
 
 
 def test_a_value_slot_edit_adds_activation_times_delta_to_the_ffn_output(lm):

@@ -49,6 +49,7 @@ import torch
 from .hooks import SITES, capture_block_inputs, capture_ffn, ffn_hooks, site_module
 from .models import LanguageModel
 from .queries import EncodedQuery, pad_queries
+from .scoring import object_token_probs
 
 METHODS = ("ig", "amig")
 QUADRATURES = ("riemann", "gauss-legendre", "linspace")
@@ -569,11 +570,9 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
     dev = lm.device
     ids = torch.as_tensor([query.input_ids], device=dev)  # [1, S]
     pos = torch.as_tensor(query.target_positions, device=dev)  # [T]
-    tgt = torch.as_tensor(query.target_ids, device=dev)  # [T]
 
     def probs(logits: torch.Tensor) -> torch.Tensor:  # [N, S, V] -> [N, T]
-        p = torch.softmax(logits[:, pos].float(), dim=-1)  # [N, T, V]
-        return p[:, torch.arange(len(pos), device=dev), tgt]
+        return object_token_probs(logits[:, pos], query.target_ids)
 
     with torch.inference_mode():
         with capture_ffn(lm, layers, site) as acts:

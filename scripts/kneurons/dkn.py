@@ -32,10 +32,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .hooks import suppress_batch
 from .models import LanguageModel
 from .neurons import Neuron, knowledge_neurons_of
 from .queries import EncodedQuery, encode_query
+from .scoring import erased_token_probs
 
 @dataclass
 class QueryDKN:
@@ -77,14 +77,14 @@ def detect_query_dkn(
     (pairs with a non-robust member cannot be degenerate, so they are not measured).
     """
     kn = [(int(layer), int(neuron)) for layer, neuron in kn]
-    first = suppress_batch(lm, query, [[]] + [[neuron] for neuron in kn], batch_size=batch_size)
+    first = erased_token_probs(lm, query, [[]] + [[neuron] for neuron in kn], batch_size=batch_size)
     probs = first.mean(axis=1)  # [1 + n_kn]: mean over the object's tokens
     base_prob, single_probs = float(probs[0]), [float(p) for p in probs[1:]]
     robust = robust_singles(base_prob, single_probs, single_drop)
     candidates = list(combinations(robust, 2))
     pairs, pair_probs = [], []
     if candidates:
-        joint = suppress_batch(lm, query, [[kn[i], kn[j]] for i, j in candidates],
+        joint = erased_token_probs(lm, query, [[kn[i], kn[j]] for i, j in candidates],
                                batch_size=batch_size).mean(axis=1)
         for (i, j), prob in zip(candidates, joint):
             if is_degenerate_drop(base_prob, float(prob), pair_drop):

@@ -74,11 +74,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .hooks import FFNEdit, edit_ffn
+from . import scoring
 from .models import LanguageModel
 from .neurons import (Neuron, knowledge_neurons_by_fact, random_neurons_like, seeded_rank,
                       seeded_rng)
-from .queries import EncodedQuery, encode_query, pad_queries
+from .queries import EncodedQuery, encode_query
 
 KINDS = ("fact", "control_random", "control_same_relation")
 """Row kinds of the LIKN table: the real facts, then the two chance controls."""
@@ -328,26 +328,10 @@ def score_queries(lm: LanguageModel, queries: Sequence[EncodedQuery],
                   erase: Sequence[Neuron] = ()) -> tuple[np.ndarray, np.ndarray]:
     """P(object) [n] (mean over its tokens) and top-1 [n] (every object token is the argmax)
     of ``queries`` in one padded forward, with the activations of ``erase`` set to 0 at each
-    query's object position(s)."""
-    if not queries:
-        return np.zeros(0), np.zeros(0, dtype=bool)
-    by_layer: dict[int, list[int]] = {}
-    for layer, neuron in dict.fromkeys((int(a), int(b)) for a, b in erase):
-        by_layer.setdefault(layer, []).append(neuron)
-    edits = [FFNEdit(layer, neurons, positions=q.target_positions, op="zero", rows=[r])
-             for r, q in enumerate(queries) for layer, neurons in by_layer.items()]
-    ids, mask = pad_queries(lm, queries)  # [n, S] each
-    with torch.inference_mode(), edit_ffn(lm, edits):
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits  # [n, S, vocab]
-    probs, top1 = np.zeros(len(queries)), np.zeros(len(queries), dtype=bool)
-    for r, q in enumerate(queries):
-        pos = torch.as_tensor(q.target_positions, device=logits.device)
-        tgt = torch.as_tensor(q.target_ids, device=logits.device)
-        row = logits[r, pos].float()  # [n_targets, vocab]
-        p = torch.softmax(row, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # [n_targets]
-        probs[r] = float(p.mean())
-        top1[r] = bool((row.argmax(-1) == tgt).all())
-    return probs, top1
+    query's object position(s) (:func:`kneurons.scoring.score`, head at every position)."""
+    result = scoring.score(lm, queries, [scoring.erase(erase)] * len(queries), batch_size=None,
+                           head="full")
+    return result.prob, result.top1
 
 
 def value_slot(lm: LanguageModel, layer: int, neuron: int) -> torch.Tensor:
