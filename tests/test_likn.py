@@ -19,7 +19,7 @@ from kneurons.likn import (
     edit_neuron_sets, edit_summary, edit_value_slots, find_likn, language_groups,
     language_independent_neurons, likn_layer_counts, likn_statistics, likn_table,
     locality_facts, object_embedding, one_language_neurons, other_fact_likn, sample_edit_facts,
-    score_queries, share_of_kn, value_slot)
+    score_queries, share_of_kn)
 from kneurons.neurons import random_neurons_like
 from kneurons.queries import encode_query
 
@@ -292,7 +292,7 @@ def test_erasing_matches_a_direct_forward_with_patched_activations(lm):
 def test_a_value_slot_edit_adds_activation_times_delta_to_the_ffn_output(lm):
     proj = lm.ffn_site(1)
     x = torch.randn(2, 3, lm.d_ff)  # [batch, seq, d_ff]
-    hidden = value_slot(lm, 1, 5).shape[0]
+    hidden = lm.value_slot(1, 5).shape[0]
     delta = torch.randn(hidden)
     with torch.no_grad():
         before = proj(x)  # [batch, seq, hidden]
@@ -306,7 +306,7 @@ def test_edit_value_slots_matches_hand_changed_weights_and_restores_them(lm):
     neurons = [(0, 2), (lm.n_layers - 1, 9)]
     query = encode_query(lm, *QUERIES[lm.arch][0])
     ids = torch.as_tensor([query.input_ids])
-    hidden = value_slot(lm, 0, 0).shape[0]
+    hidden = lm.value_slot(0, 0).shape[0]
     delta = torch.linspace(-1, 1, hidden)
     manual = copy.deepcopy(lm.model)
     with torch.no_grad():

@@ -106,3 +106,19 @@ def test_gemma_entries_are_causal_with_the_softcapped_head():
         spec = ARCHITECTURES[name]
         assert spec.kinds == frozenset({"causal"}) and spec.head is not None
     assert ARCHITECTURES["gemma3_text"].head is not ARCHITECTURES["llama"].head
+
+
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_roberta", "tiny_llama",
+                                  "tiny_neox"])
+def test_the_registry_knows_each_architectures_value_slot_layout(name, request):
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    lm = request.getfixturevalue(name)
+    proj = lm.ffn_site(0)
+    assert lm.spec.value_rows == isinstance(proj, Conv1D)
+    assert isinstance(proj, Conv1D if lm.spec.value_rows else nn.Linear)
+    want = proj.weight[3, :] if isinstance(proj, Conv1D) else proj.weight[:, 3]  # [hidden]
+    assert lm.value_slot(0, 3).data_ptr() == want.data_ptr()  # a view, not a copy
+    assert torch.equal(lm.value_slot(0, 3), want)
+    assert lm.d_ff == (proj.weight.shape[0] if isinstance(proj, Conv1D) else proj.in_features)

@@ -50,7 +50,8 @@ such. Two operations, each with every set:
   (``get_output_embeddings().weight``, [vocab, hidden]) of the object, the mean over its
   tokens *in the edited language's tokenization* for multi-token objects. Dai et al. use
   λ1 = 1, λ2 = 8. The edit is done in one language (``edit_lang``) and measured in every
-  language; the weights are restored exactly afterwards (:func:`edit_value_slots`).
+  language; the weights are restored exactly afterwards (:func:`edit_value_slots`; the slot
+  layout is the architecture registry's, :attr:`kneurons.models.ArchSpec.value_rows`).
 
 Scored in every language (``eval_lang``) before and after each intervention: the fact's true
 object (P(true), mean over its tokens as everywhere in kneurons; top-1: every object token is
@@ -334,16 +335,6 @@ def score_queries(lm: LanguageModel, queries: Sequence[EncodedQuery],
     return result.prob, result.top1
 
 
-def value_slot(lm: LanguageModel, layer: int, neuron: int) -> torch.Tensor:
-    """The view [hidden] of the FFN output-projection weight that ``neuron`` of ``layer``
-    writes: ``weight[:, neuron]`` of an nn.Linear ([out, in]), ``weight[neuron, :]`` of a
-    transformers Conv1D ([in, out])."""
-    proj = lm.ffn_site(layer)
-    if isinstance(proj, nn.Linear):
-        return proj.weight[:, neuron]
-    return proj.weight[neuron, :]
-
-
 @contextlib.contextmanager
 def edit_value_slots(lm: LanguageModel, neurons: Sequence[Neuron], delta: torch.Tensor
                      ) -> Iterator[None]:
@@ -353,7 +344,7 @@ def edit_value_slots(lm: LanguageModel, neurons: Sequence[Neuron], delta: torch.
     try:
         with torch.no_grad():
             for layer, neuron in dict.fromkeys((int(a), int(b)) for a, b in neurons):
-                slot = value_slot(lm, layer, neuron)  # [hidden], a view of the weight
+                slot = lm.value_slot(layer, neuron)  # [hidden], a view of the weight
                 if slot.shape != delta.shape:
                     raise ValueError(f"value slot of ({layer}, {neuron}) has shape "
                                      f"{tuple(slot.shape)}, the edit {tuple(delta.shape)}")
