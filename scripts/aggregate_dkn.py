@@ -4,7 +4,7 @@ import logging
 import pandas as pd
 
 from kneurons.dkn import aggregate_relations
-from kneurons.io import atomic_path, write_json
+from kneurons.io import write_csv, write_json
 from kneurons.logs import configure
 
 configure(snakemake.log[0])
@@ -16,6 +16,5 @@ summary, stats, layers = aggregate_relations(query_dkn, science["relation_thresh
                                              calibration, science["dkn_count"])
 logging.info("%d relations, %d with DKN", len(stats), int((stats["n_dkn"] > 0).sum()))
 write_json(summary, snakemake.output.dkn)
-for table, path in ((stats, snakemake.output.stats), (layers, snakemake.output.layers)):
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+write_csv(stats, snakemake.output.stats)
+write_csv(layers, snakemake.output.layers)

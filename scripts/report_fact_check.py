@@ -1,8 +1,7 @@
 """Rule report_fact_check: Table 3 (CSV, Markdown) and the figures of every model/language."""
-import json
-
 import pandas as pd
 
+from kneurons.io import read_json
 from kneurons.logs import configure
 from kneurons.reports import FIGURES, fact_check_report
 
@@ -11,7 +10,7 @@ science = snakemake.params.science
 inputs, output = snakemake.input, snakemake.output
 runs = [
     {"model": model, "language": lang,
-     "metrics": json.loads(open(inputs.metrics[i], encoding="utf-8").read()),
+     "metrics": read_json(inputs.metrics[i]),
      "scores": pd.read_parquet(inputs.scores[i]), "f1_curve": pd.read_csv(inputs.curves[i]),
      "per_relation": pd.read_csv(inputs.per_relation[i]),
      "dkn_layers": pd.read_csv(inputs.dkn_layers[i])}

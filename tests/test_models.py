@@ -122,3 +122,18 @@ def test_the_registry_knows_each_architectures_value_slot_layout(name, request):
     assert lm.value_slot(0, 3).data_ptr() == want.data_ptr()  # a view, not a copy
     assert torch.equal(lm.value_slot(0, 3), want)
     assert lm.d_ff == (proj.weight.shape[0] if isinstance(proj, Conv1D) else proj.in_features)
+
+
+def test_a_jobs_model_params_load_the_model(tmp_path, monkeypatch):
+    from kneurons.models import load_job_model
+
+    lm = build("gpt2")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no device to lease: the CPU
+    params = {"source": str(tmp_path), "arch": "causal", "revision": None,
+              "trust_remote_code": False, "toy": True}  # as common.smk's model_params
+    loaded = load_job_model(params)
+    assert loaded.spec.model_type == "gpt2" and loaded.device.type == "cpu"
+    assert (loaded.n_layers, loaded.d_ff) == (lm.n_layers, lm.d_ff)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path
+from .io import write_csv, write_text
 from .localization import (NEURON_SETS, OPERATIONS, TARGETS, completeness_table, layer_counts,
                            localization_statistics, paired_comparison)
 from .reports import _RC, _figure, _layer_bars, _no_data, _pyplot, _save
@@ -178,10 +178,8 @@ def localization_report(runs: Mapping[str, pd.DataFrame], out_csv, out_paired_cs
     complete = _stack(runs, completeness_table)
     for table, path in ((stats, out_csv), (paired, out_paired_csv),
                         (complete, out_completeness_csv)):
-        with atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False)
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(localization_markdown(stats, paired, complete), encoding="utf-8")
+        write_csv(table, path)
+    write_text(localization_markdown(stats, paired, complete), out_md)
     plot_localization_change(runs, *figures["localization_change"])
     plot_localization_layers(runs, *figures["localization_layers"])
     return stats, paired, complete

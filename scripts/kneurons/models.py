@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -267,3 +267,12 @@ def load_model(source: str, arch: str, *, revision: str | None = None,
         model = auto.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     return wrap_model(model, tokenizer, arch, device=device)
+
+
+def load_job_model(model: Mapping[str, Any]) -> LanguageModel:
+    """Load a rule's ``params.model`` (``source``, ``arch``, ``revision``,
+    ``trust_remote_code``) on the device this job leases (:func:`kneurons.devices.pick_device`)."""
+    from .devices import pick_device
+
+    return load_model(model["source"], model["arch"], revision=model["revision"],
+                      trust_remote_code=model["trust_remote_code"], device=pick_device())

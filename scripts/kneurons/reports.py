@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .factcheck import METHODS, ranking_score
-from .io import atomic_path
+from .io import atomic_path, write_csv, write_text
 
 FACT_CHECK_COLUMNS = ["language", "model", "population", "method", "setting", "precision",
                       "recall", "f1", "auroc", "n_true", "n_wrong", "threshold"]
@@ -412,10 +412,8 @@ def fact_check_report(runs: Sequence[Mapping], out_csv, out_md,
     """
     table = fact_check_table([row for run in runs for row in fact_check_rows(
         run["model"], run["language"], run["metrics"])])
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(fact_check_markdown(table), encoding="utf-8")
+    write_csv(table, out_csv)
+    write_text(fact_check_markdown(table), out_md)
     key = lambda run: f"{run['model']}/{run['language']}"  # noqa: E731
     layers = [run["dkn_layers"].groupby("layer", as_index=False)["n_dkn"].sum()
               .rename(columns={"n_dkn": "count"}).assign(model=run["model"],
@@ -669,12 +667,9 @@ def likn_report(runs: Sequence[Mapping], out_csv, out_edit_csv, out_md,
         return table[["model"] + [c for c in table.columns if c != "model"]]
 
     stats, layers, edits = stack("stats"), stack("layers"), stack("edits")
-    with atomic_path(out_csv) as tmp:
-        stats.to_csv(tmp, index=False)
-    with atomic_path(out_edit_csv) as tmp:
-        edits.to_csv(tmp, index=False)
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(likn_markdown(stats, edits), encoding="utf-8")
+    write_csv(stats, out_csv)
+    write_csv(edits, out_edit_csv)
+    write_text(likn_markdown(stats, edits), out_md)
     plot_likn_layers(layers, *figures["likn_layers"])
     plot_likn_erase(edits, *figures["likn_erase"])
     plot_likn_edit(edits, *figures["likn_edit"])
