@@ -3,7 +3,7 @@ import pandas as pd
 
 from kneurons.io import read_json
 from kneurons.logs import configure
-from kneurons.reports import FIGURES, fact_check_report
+from kneurons.fact_check_report import FIGURES, fact_check_report
 
 configure(snakemake.log[0])
 science = snakemake.params.science

@@ -2,7 +2,7 @@
 import pandas as pd
 
 from kneurons.logs import configure
-from kneurons.reports import LIKN_FIGURES, likn_report
+from kneurons.likn_report import LIKN_FIGURES, likn_report
 
 configure(snakemake.log[0])
 science = snakemake.params.science

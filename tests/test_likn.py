@@ -401,7 +401,7 @@ def test_cross_lingual_editing_on_a_tiny_model(tiny_bert):
 
 
 def test_likn_report_tables_markdown_and_figures(tmp_path):
-    from kneurons.reports import LIKN_FIGURES, likn_report
+    from kneurons.likn_report import LIKN_FIGURES, likn_report
 
     table = likn_table(KN, RELATIONS, seed=0)
     rows = [dict(operation=op, neuron_set=name, edit_lang=ANY_LANGUAGE if op == "erase" else "en",
