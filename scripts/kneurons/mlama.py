@@ -51,6 +51,8 @@ from typing import Callable
 
 import pandas as pd
 
+from .io import file_sha256
+
 log = logging.getLogger(__name__)
 
 FACT_COLUMNS = ["uuid", "lineid", "relation", "sub_uri", "obj_uri", "sub_label", "obj_label",
@@ -305,11 +307,7 @@ def verify_sha256(path: str | Path, expected_hex: str) -> None:
     expected = expected_hex.strip().lower()
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
         raise ValueError(f"expected SHA-256 for {path} is not 64 hex digits: {expected_hex!r}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if actual != expected:
         raise ValueError(f"SHA-256 mismatch for {path}: expected {expected}, got {actual}")
 
