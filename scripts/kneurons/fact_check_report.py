@@ -190,17 +190,14 @@ def plot_dkn_layers(layer_counts: pd.DataFrame, out_png, out_svg) -> None:
     title = "Degenerate knowledge neurons per layer"
     data = layer_counts if layer_counts is not None else pd.DataFrame()
     models = sorted(data["model"].unique()) if len(data) else []
-    with figure(out_png, out_svg, len(models), 5.0, 3.6) as (fig, axes):
-        if not models:
-            no_data(axes[0], title)
+    with figure(out_png, out_svg, len(models), 5.0, 3.6,
+                title=title, empty=not models) as (fig, axes):
         for ax, model in zip(axes, models):
             sub = data[data["model"] == model]
             bars = {f"mLAMA-{language}": sub[sub["language"] == language]
                     .groupby("layer")["count"].sum()
                     for language in sorted(sub["language"].unique())}
             layer_bars(ax, bars, "DKN neurons", f"{model}", title="dataset")
-        if models:
-            fig.suptitle(title)
 
 
 def plot_f1_vs_lambda(curves: Mapping[str, pd.DataFrame], chosen: Mapping[str, float],
@@ -283,9 +280,8 @@ def plot_per_relation_f1(per_relation: pd.DataFrame, out_png, out_svg) -> None:
               if len(data) else [])
     relations = sorted(data["relation"].unique()) if len(data) else []
     height = max(3.0, 0.28 * len(relations) + 1.5)
-    with figure(out_png, out_svg, len(panels), 4.2, height) as (fig, axes):
-        if not panels:
-            no_data(axes[0], title)
+    with figure(out_png, out_svg, len(panels), 4.2, height,
+                title=title, empty=not panels) as (fig, axes):
         positions = np.arange(len(relations))
         for ax, (model, language) in zip(axes, panels):
             sub = data[(data["model"] == model) & (data["language"] == language)]
@@ -302,8 +298,6 @@ def plot_per_relation_f1(per_relation: pd.DataFrame, out_png, out_svg) -> None:
             ax.set_ylabel("relation")
             ax.set_title(f"{model} / mLAMA-{language}")
             ax.legend(fontsize="small")
-        if panels:
-            fig.suptitle(title)
 
 
 # ---- the whole fact-checking report -------------------------------------------------------

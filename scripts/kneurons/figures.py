@@ -42,18 +42,28 @@ def save(fig, out_png: str | os.PathLike, out_svg: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def figure(out_png: str | os.PathLike, out_svg: str | os.PathLike, ncols: int, width: float,
-           height: float, *, nrows: int = 1) -> Iterator[tuple]:
+           height: float, *, nrows: int = 1, title: str | None = None,
+           empty: bool = False) -> Iterator[tuple]:
     """A figure of ``nrows`` x ``ncols`` panels (at least one column), ``width`` inches per
     column and ``height`` in all, with :data:`RC`; saved (:func:`save`) when the body
     returns, closed in any case. Yields ``(fig, axes)``: the panels as a list when
-    ``nrows == 1``, else the [nrows][ncols] grid."""
+    ``nrows == 1``, else the [nrows][ncols] grid.
+
+    With a ``title``: when ``empty``, the first panel says "no data" under the title (the
+    rest of its column is blank), otherwise the title is the figure's, set after the body."""
     plt = pyplot()
     ncols = max(ncols, 1)
     with plt.rc_context(RC):
         fig, grid = plt.subplots(nrows, ncols, figsize=(width * ncols, height), squeeze=False,
                                  layout="constrained")
         try:
+            if title is not None and empty:
+                no_data(grid[0][0], title)
+                for row in range(1, nrows):
+                    grid[row][0].axis("off")
             yield fig, (list(grid[0]) if nrows == 1 else grid)
+            if title is not None and not empty:
+                fig.suptitle(title)
             save(fig, out_png, out_svg)
         finally:
             plt.close(fig)

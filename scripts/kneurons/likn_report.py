@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .figures import figure, layer_bars, no_data
+from .figures import figure, layer_bars
 from .io import write_csv, write_text
 
 
@@ -128,9 +128,8 @@ def plot_likn_layers(layers: pd.DataFrame, out_png, out_svg) -> None:
     n_likn."""
     title = "Language-independent knowledge neurons per layer"
     models = sorted(layers["model"].unique()) if len(layers) else []
-    with figure(out_png, out_svg, len(models), 5.0, 3.6) as (fig, axes):
-        if not models:
-            no_data(axes[0], title)
+    with figure(out_png, out_svg, len(models), 5.0, 3.6,
+                title=title, empty=not models) as (fig, axes):
         for ax, model in zip(axes, models):
             sub = layers[layers["model"] == model]
             group = _main_group(sub["languages"])
@@ -140,8 +139,6 @@ def plot_likn_layers(layers: pd.DataFrame, out_png, out_svg) -> None:
                     for kind in KIND_LABELS if kind in set(sub["kind"])}
             layer_bars(ax, bars, "neurons (summed over facts)", f"{model} ({group})",
                         fontsize="small")
-        if models:
-            fig.suptitle(title)
 
 
 def _set_order(names) -> list[str]:
@@ -171,16 +168,13 @@ def plot_likn_erase(edits: pd.DataFrame, out_png, out_svg) -> None:
     data = edits[(edits["operation"] == "erase") & (edits["target"] == "fact")] \
         if len(edits) else edits
     models = sorted(data["model"].unique()) if len(data) else []
-    with figure(out_png, out_svg, len(models), 5.0, 3.8) as (fig, axes):
-        if not models:
-            no_data(axes[0], title)
+    with figure(out_png, out_svg, len(models), 5.0, 3.8,
+                title=title, empty=not models) as (fig, axes):
         for ax, model in zip(axes, models):
             sub = data[data["model"] == model].assign(_x=lambda d: d["neuron_set"])
             _grouped_bars(ax, sub, _set_order(sub["neuron_set"]), "rel_change_p_true")
             ax.set_ylabel("relative change of P(true) (%)")
             ax.set_title(model)
-        if models:
-            fig.suptitle(title)
 
 
 def plot_likn_edit(edits: pd.DataFrame, out_png, out_svg) -> None:
@@ -192,10 +186,8 @@ def plot_likn_edit(edits: pd.DataFrame, out_png, out_svg) -> None:
         if len(edits) else edits
     models = sorted(data["model"].unique()) if len(data) else []
     ncols = max(len(models), 1)
-    with figure(out_png, out_svg, ncols, 6.0, 7.0, nrows=2) as (fig, grid):
-        if not models:
-            no_data(grid[0][0], title)
-            grid[1][0].axis("off")
+    with figure(out_png, out_svg, ncols, 6.0, 7.0, nrows=2,
+                title=title, empty=not models) as (fig, grid):
         for col, model in enumerate(models):
             sub = data[data["model"] == model].assign(
                 _x=lambda d: d["edit_lang"] + ": " + d["neuron_set"])
@@ -209,8 +201,6 @@ def plot_likn_edit(edits: pd.DataFrame, out_png, out_svg) -> None:
             grid[1][col].set_ylabel("relative change of P(true) (%)")
             grid[1][col].set_xlabel("edited in: neuron set")
             grid[1][col].set_title(f"{model}: P(true object)")
-        if models:
-            fig.suptitle(title)
 
 
 def likn_report(runs: Sequence[Mapping], out_csv, out_edit_csv, out_md,

@@ -15,7 +15,7 @@ import pandas as pd
 from .io import write_csv, write_text
 from .localization import (NEURON_SETS, OPERATIONS, TARGETS, completeness_table, layer_counts,
                            localization_statistics, paired_comparison)
-from .figures import figure, layer_bars, no_data
+from .figures import figure, layer_bars
 
 FIGURES = ("localization_change", "localization_layers")
 SET_LABELS = {"kn": "KN", "random": "random (same layers)", "activation": "top activation"}
@@ -100,10 +100,8 @@ def plot_localization_change(runs: Mapping[str, pd.DataFrame], out_png, out_svg)
     groups = [(m, s) for m in ("amig", "ig") for s in NEURON_SETS]
     colors = {"fact": "C0", "related": "C1", "unrelated": "C2"}
     ncols = max(len(keys), 1)
-    with figure(out_png, out_svg, ncols, 6.5, 7.5, nrows=len(OPERATIONS)) as (fig, grid):
-        if not keys:
-            no_data(grid[0][0], title)
-            grid[1][0].axis("off")
+    with figure(out_png, out_svg, ncols, 6.5, 7.5, nrows=len(OPERATIONS),
+                title=title, empty=not keys) as (fig, grid):
         rng = np.random.default_rng(0)
         for col, key in enumerate(keys):
             table = runs[key]
@@ -134,8 +132,6 @@ def plot_localization_change(runs: Mapping[str, pd.DataFrame], out_png, out_svg)
                 for target in TARGETS:
                     ax.scatter([], [], color=colors[target], label=target)
                 ax.legend(fontsize="small", title="target")
-        if keys:
-            fig.suptitle(title)
 
 
 def plot_localization_layers(runs: Mapping[str, pd.DataFrame], out_png, out_svg) -> None:
@@ -143,16 +139,12 @@ def plot_localization_layers(runs: Mapping[str, pd.DataFrame], out_png, out_svg)
     per (model, language)."""
     title = "Knowledge neurons per layer: AMIG vs IG (localization sample)"
     keys = sorted(runs)
-    with figure(out_png, out_svg, len(keys), 5.0, 3.6) as (fig, axes):
-        if not keys:
-            no_data(axes[0], title)
+    with figure(out_png, out_svg, len(keys), 5.0, 3.6, title=title, empty=not keys) as (fig, axes):
         for ax, key in zip(axes, keys):
             counts = layer_counts(runs[key])
             bars = {method: counts[counts["method"] == method].set_index("layer")["count"]
                     for method in ("amig", "ig")}
             layer_bars(ax, bars, "knowledge neurons", key, title="method")
-        if keys:
-            fig.suptitle(title)
 
 
 def localization_report(runs: Mapping[str, pd.DataFrame], out_csv, out_paired_csv,
