@@ -260,3 +260,21 @@ def test_object_token_probs_is_the_convergence_checks_probability():
     pos, tgt = torch.as_tensor([1, 3]), torch.as_tensor([4, 9])
     old = torch.softmax(logits[:, pos].float(), dim=-1)[:, torch.arange(2), tgt]  # probability_gap
     assert torch.equal(scoring.object_token_probs(logits[:, pos], [4, 9]), old)
+
+
+def test_replaced_token_probs_is_the_convergence_checks_baseline_forward(model):
+    kind, lm = model
+    query = queries_of(lm, kind)[0]
+    values = torch.randn(3, lm.d_ff, generator=torch.Generator().manual_seed(1))  # [B, d_ff]
+    ids = torch.as_tensor([query.input_ids])
+    pos = torch.as_tensor(query.target_positions)
+    for layer in range(lm.n_layers):
+        def put(act, p=pos[0]):  # probability_gap's hook as it was (024c03b)
+            act = act.clone()
+            act[:, p] = values.to(act.dtype)
+            return act
+        with torch.inference_mode(), ffn_hooks(lm, {layer: put}):
+            logits = lm.model(input_ids=ids.expand(3, -1)).logits
+        old = torch.softmax(logits[:, pos].float(), dim=-1)[:, torch.arange(len(pos)),
+                                                             torch.as_tensor(query.target_ids)]
+        assert torch.equal(scoring.replaced_token_probs(lm, query, layer, pos[0], values), old)

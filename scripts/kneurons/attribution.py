@@ -49,7 +49,7 @@ import torch
 from .hooks import SITES, capture_block_inputs, capture_ffn, ffn_hooks, site_module
 from .models import LanguageModel
 from .queries import EncodedQuery, pad_queries
-from .scoring import object_token_probs
+from .scoring import object_token_probs, replaced_token_probs
 
 METHODS = ("ig", "amig")
 QUADRATURES = ("riemann", "gauss-legendre", "linspace")
@@ -571,12 +571,10 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
     ids = torch.as_tensor([query.input_ids], device=dev)  # [1, S]
     pos = torch.as_tensor(query.target_positions, device=dev)  # [T]
 
-    def probs(logits: torch.Tensor) -> torch.Tensor:  # [N, S, V] -> [N, T]
-        return object_token_probs(logits[:, pos], query.target_ids)
-
     with torch.inference_mode():
         with capture_ffn(lm, layers, site) as acts:
-            p_a = probs(lm.model(input_ids=ids).logits)[0]  # [T]
+            logits = lm.model(input_ids=ids).logits  # [1, S, vocab]
+        p_a = object_token_probs(logits[:, pos], query.target_ids)[0]  # [T]
         if method == "ig":
             base = {layer: torch.zeros((1, len(pos), lm.d_ff), device=dev) for layer in layers}
         else:
@@ -590,16 +588,10 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
             base = {layer: acts[layer][:, pos].float() for layer in layers}  # [B, T, d_ff]
         gap = np.zeros(lm.n_layers)
         for layer in layers:
-            b = base[layer]
-            n_b = b.shape[0]
+            b = base[layer]  # [B, T, d_ff]
             total = 0.0
             for t in range(len(pos)):
-                def put(act: torch.Tensor, t=t, b=b) -> torch.Tensor:  # act: [B, S, d_ff]
-                    act = act.clone()
-                    act[:, pos[t]] = b[:, t].to(act.dtype)
-                    return act
-                with ffn_hooks(lm, {layer: put}, site):
-                    p_b = probs(lm.model(input_ids=ids.expand(n_b, -1)).logits)[:, t]  # [B]
-                total += float(p_a[t]) - float(p_b.double().mean())
+                p_b = replaced_token_probs(lm, query, layer, pos[t], b[:, t], site=site)[:, t]
+                total += float(p_a[t]) - float(p_b.double().mean())  # p_b: [B]
             gap[layer] = total / len(pos)
     return gap

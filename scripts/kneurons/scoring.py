@@ -23,9 +23,11 @@ are never touched. P(object token) is computed in one place, :func:`object_token
 
 :func:`score` is the general call (one intervention per row), used by the localization
 evaluation and (``head="full"``) by the LIKN erasing experiment; :func:`erased_token_probs`
-(one query, many erased sets, per-token probabilities) is DKN detection's suppression. Both
-keep the exact operations of the paths they replaced (``likn.score_queries``,
-``hooks.suppress_batch``), so results are bitwise the same (tests/test_scoring.py).
+(one query, many erased sets, per-token probabilities) is DKN detection's suppression;
+:func:`replaced_token_probs` (whole activation vectors set to baseline values) is the
+attribution's convergence check. They keep the exact operations of the paths they replaced
+(``likn.score_queries``, ``hooks.suppress_batch``, the loop of ``probability_gap``), so results
+are bitwise the same (tests/test_scoring.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .hooks import FFNPatch, patch_ffn
+from .hooks import FFNPatch, ffn_hooks, patch_ffn
 from .models import LanguageModel
 from .neurons import Neuron
 from .queries import EncodedQuery, pad_queries
@@ -194,3 +196,22 @@ def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
         out[start:start + len(chunk)] = object_token_probs(logits[:, pos, :],
                                                            query.target_ids).cpu().numpy()
     return out
+
+
+def replaced_token_probs(lm: LanguageModel, query: EncodedQuery, layer: int, position,
+                         values: torch.Tensor, *, site: str = "post") -> torch.Tensor:
+    """P(object token t) [B, n_object_tokens] of one query with the whole activation vector
+    of ``layer`` at ``position`` replaced by ``values[i]`` ([B, d_ff]) in batch row i: the
+    baselines of the convergence check (:func:`kneurons.attribution.probability_gap`). The
+    query is not padded and the head runs at every position."""
+    ids = torch.as_tensor([query.input_ids], device=lm.device)  # [1, S]
+    pos = torch.as_tensor(query.target_positions, device=lm.device)  # [T]
+
+    def put(act: torch.Tensor) -> torch.Tensor:  # act: [B, S, d_ff]
+        act = act.clone()
+        act[:, position] = values.to(act.dtype)
+        return act
+
+    with torch.inference_mode(), ffn_hooks(lm, {layer: put}, site):
+        logits = lm.model(input_ids=ids.expand(values.shape[0], -1)).logits  # [B, S, vocab]
+    return object_token_probs(logits[:, pos], query.target_ids)
