@@ -4,17 +4,17 @@ import logging
 import pandas as pd
 
 from kneurons.dkn import aggregate_relations
-from kneurons.io import atomic_path, write_json
+from kneurons.io import write_csv, write_json
 from kneurons.logs import configure
 
 configure(snakemake.log[0])
+science = snakemake.params.science
 query_dkn = pd.concat([pd.read_parquet(path) for path in snakemake.input.dkn], ignore_index=True)
 facts = pd.read_parquet(snakemake.input.facts)
 calibration = facts.loc[facts["calibration"].astype(bool), "uuid"] if "calibration" in facts else []
-summary, stats, layers = aggregate_relations(query_dkn, snakemake.params.relation_threshold,
-                                             calibration, snakemake.params.dkn_count)
+summary, stats, layers = aggregate_relations(query_dkn, science["relation_threshold"],
+                                             calibration, science["dkn_count"])
 logging.info("%d relations, %d with DKN", len(stats), int((stats["n_dkn"] > 0).sum()))
 write_json(summary, snakemake.output.dkn)
-for table, path in ((stats, snakemake.output.stats), (layers, snakemake.output.layers)):
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+write_csv(stats, snakemake.output.stats)
+write_csv(layers, snakemake.output.layers)

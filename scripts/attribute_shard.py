@@ -2,20 +2,19 @@
 import pandas as pd
 import torch
 
-from kneurons.devices import pick_device
 from kneurons.logs import configure
-from kneurons.models import load_model
+from kneurons.models import load_job_model
 from kneurons.shards import run_shard
 
 progress = configure(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 params, wildcards = snakemake.params, snakemake.wildcards
-lm = load_model(params.model["source"], params.model["arch"], revision=params.model["revision"],
-                trust_remote_code=params.model["trust_remote_code"], device=pick_device())
+science = params.science
+lm = load_job_model(params.model)
 run_shard(
     lm, pd.read_parquet(snakemake.input.facts), part=wildcards.part, shard=int(wildcards.shard),
-    n_shards=params.shards, method=params.method, steps=params.steps,
-    quadrature=params.quadrature, keep_top=params.keep_top, output=snakemake.output[0],
+    n_shards=science["shards"], method=science["method"], steps=science["steps"],
+    quadrature=science["quadrature"], keep_top=science["keep_top"], output=snakemake.output[0],
     batch_queries=snakemake.resources.get("batch_queries", 8), progress=progress,
     identity=params.model,
 )

@@ -5,22 +5,22 @@ import pandas as pd
 import torch
 
 from kneurons.checkpoint import open_checkpoint
-from kneurons.devices import pick_device
 from kneurons.dkn import detect_dkn_records
 from kneurons.io import write_parquet
 from kneurons.logs import configure
-from kneurons.models import load_model
+from kneurons.models import load_job_model
 from kneurons.records import read_shard
 
 progress = configure(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
-lm = load_model(params.model["source"], params.model["arch"], revision=params.model["revision"],
-                trust_remote_code=params.model["trust_remote_code"], device=pick_device())
+lm = load_job_model(params.model)
 records, _ = read_shard(snakemake.input.attribution)
-options = {key: params[key] for key in ("kn_threshold", "max_kn", "single_drop", "pair_drop")}
+science = params.science
+options = {key: science[key] for key in ("kn_threshold", "max_kn", "single_drop", "pair_drop")}
 checkpoint = open_checkpoint(Path(snakemake.output[0] + ".checkpoint"),
-                             options={**options, "version": params.version}, model=params.model,
+                             options={**options, "version": science["version"]},
+                             model=params.model,
                              files={"attribution": snakemake.input.attribution,
                                     "facts": snakemake.input.facts})
 found = detect_dkn_records(lm, pd.read_parquet(snakemake.input.facts), records, **options,

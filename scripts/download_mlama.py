@@ -3,4 +3,5 @@ from kneurons.download import download_verified
 from kneurons.logs import configure
 
 configure(snakemake.log[0])
-download_verified(snakemake.params.url, snakemake.output[0], snakemake.params.sha256)
+science = snakemake.params.science
+download_verified(science["url"], snakemake.output[0], science["sha256"])

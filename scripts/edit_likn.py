@@ -4,23 +4,21 @@ import logging
 import pandas as pd
 import torch
 
-from kneurons.devices import pick_device
-from kneurons.io import atomic_path, write_parquet
+from kneurons.io import write_csv, write_parquet
 from kneurons.likn import cross_lingual_editing, edit_summary
 from kneurons.logs import configure
-from kneurons.models import load_model
+from kneurons.models import load_job_model
 
 progress = configure(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
-lm = load_model(params.model["source"], params.model["arch"], revision=params.model["revision"],
-                trust_remote_code=params.model["trust_remote_code"], device=pick_device())
-facts = {lang: pd.read_parquet(snakemake.input[f"facts_{lang}"]) for lang in params.languages}
+science = params.science
+lm = load_job_model(params.model)
+facts = {lang: pd.read_parquet(snakemake.input[f"facts_{lang}"]) for lang in science["languages"]}
 results = cross_lingual_editing(
-    lm, facts, pd.read_parquet(snakemake.input.likn), edit_sample=params.edit_sample,
-    n_locality=params.locality_facts, lambda1=params.lambda1, lambda2=params.lambda2,
-    seed=params.seed, progress=progress)
+    lm, facts, pd.read_parquet(snakemake.input.likn), edit_sample=science["edit_sample"],
+    n_locality=science["locality_facts"], lambda1=science["lambda1"], lambda2=science["lambda2"],
+    seed=science["seed"], progress=progress)
 logging.info("%d rows, %d facts edited", len(results), results["edited_uuid"].nunique())
 write_parquet(results, snakemake.output.edits)
-with atomic_path(snakemake.output.summary) as tmp:
-    edit_summary(results).to_csv(tmp, index=False)
+write_csv(edit_summary(results), snakemake.output.summary)

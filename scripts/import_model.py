@@ -7,6 +7,7 @@ from kneurons.logs import configure
 configure(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
-source = {key: value for key, value in params.source.items() if value is not None}
-import_gguf(source, params.arch, snakemake.output.model, key=params.key,
+science = params.science
+source = {key: value for key, value in science["source"].items() if value is not None}
+import_gguf(source, science["arch"], snakemake.output.model, key=science["key"],
             provenance=snakemake.output.provenance)

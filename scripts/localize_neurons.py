@@ -2,16 +2,14 @@
 import pandas as pd
 import torch
 
-from kneurons.devices import pick_device
 from kneurons.localization import localize_to
 from kneurons.logs import configure
-from kneurons.models import load_model
+from kneurons.models import load_job_model
 
 progress = configure(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
-lm = load_model(params.model["source"], params.model["arch"], revision=params.model["revision"],
-                trust_remote_code=params.model["trust_remote_code"], device=pick_device())
+lm = load_job_model(params.model)
 attribution, stage = params.attribution, params.localization
 localize_to(
     lm, pd.read_parquet(snakemake.input.facts), snakemake.input.shards, snakemake.output[0],
@@ -19,7 +17,7 @@ localize_to(
     quadrature=attribution["quadrature"], kn_threshold=float(params.neurons["kn_threshold"]),
     max_kn=params.neurons["max_kn"], sample=stage["sample"],
     n_related=stage["related_facts"], n_unrelated=stage["unrelated_facts"],
-    enhance_factor=stage["enhance_factor"], seed=params.seed,
+    enhance_factor=stage["enhance_factor"], seed=stage["seed"],
     batch_facts=snakemake.resources.get("batch_facts", 4),
     batch_rows=snakemake.resources.get("batch_rows", 32), identity=params.model,
     progress=progress)

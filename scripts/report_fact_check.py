@@ -1,20 +1,20 @@
 """Rule report_fact_check: Table 3 (CSV, Markdown) and the figures of every model/language."""
-import json
-
 import pandas as pd
 
+from kneurons.io import read_json
 from kneurons.logs import configure
-from kneurons.reports import FIGURES, fact_check_report
+from kneurons.fact_check_report import FIGURES, fact_check_report
 
 configure(snakemake.log[0])
+science = snakemake.params.science
 inputs, output = snakemake.input, snakemake.output
 runs = [
     {"model": model, "language": lang,
-     "metrics": json.loads(open(inputs.metrics[i], encoding="utf-8").read()),
+     "metrics": read_json(inputs.metrics[i]),
      "scores": pd.read_parquet(inputs.scores[i]), "f1_curve": pd.read_csv(inputs.curves[i]),
      "per_relation": pd.read_csv(inputs.per_relation[i]),
      "dkn_layers": pd.read_csv(inputs.dkn_layers[i])}
-    for i, (model, lang) in enumerate(snakemake.params.pairs)
+    for i, (model, lang) in enumerate(science["pairs"])
 ]
 figures = {name: (output[f"{name}_png"], output[f"{name}_svg"]) for name in FIGURES}
 fact_check_report(runs, output.csv, output.md, figures)

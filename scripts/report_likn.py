@@ -2,12 +2,13 @@
 import pandas as pd
 
 from kneurons.logs import configure
-from kneurons.reports import LIKN_FIGURES, likn_report
+from kneurons.likn_report import LIKN_FIGURES, likn_report
 
 configure(snakemake.log[0])
+science = snakemake.params.science
 inputs, output = snakemake.input, snakemake.output
 runs = [{"model": model, "stats": pd.read_csv(inputs.stats[i]),
          "layers": pd.read_csv(inputs.layers[i]), "edits": pd.read_csv(inputs.summaries[i])}
-        for i, model in enumerate(snakemake.params.models)]
+        for i, model in enumerate(science["models"])]
 figures = {name: (output[f"{name}_png"], output[f"{name}_svg"]) for name in LIKN_FIGURES}
 likn_report(runs, output.csv, output.edit_csv, output.md, figures)

@@ -9,10 +9,11 @@ from kneurons.logs import configure
 
 configure(snakemake.log[0])
 params = snakemake.params
-languages = list(params.languages)
+science = params.science
+languages = list(science["languages"])
 tables = {lang: pd.read_parquet(path) for lang, path in zip(languages, snakemake.input)}
-splits = split_facts(tables, params.discovery_fraction, params.seed)
-splits = mark_calibration(splits, params.calibration_fraction, params.seed)
+splits = split_facts(tables, science["discovery_fraction"], science["seed"])
+splits = mark_calibration(splits, science["calibration_fraction"], science["seed"])
 outputs = iter(snakemake.output.tables)  # expand() order: language, then part
 for lang in languages:
     for part in PARTS:

@@ -3,6 +3,7 @@ from kneurons.docs import write_run_summary
 from kneurons.logs import configure
 
 configure(snakemake.log[0])
-write_run_summary(snakemake.output.md, snakemake.output.info, name=snakemake.params.name,
+science = snakemake.params.science
+write_run_summary(snakemake.output.md, snakemake.output.info, name=science["name"],
                   reports=list(snakemake.input.reports), figures=list(snakemake.input.figures),
-                  benchmark_dir=snakemake.params.benchmarks)
+                  benchmark_dir=science["benchmarks"])

@@ -9,7 +9,9 @@ from kneurons.toy import ToyConfig, train_toy_model
 progress = configure(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
-tables = {lang: pd.read_parquet(path) for lang, path in zip(params.languages, snakemake.input.tables)}
-metrics = train_toy_model(tables, params.arch, ToyConfig.from_dict(params.toy), params.seed,
-                          snakemake.output.model, progress=progress)
+science = params.science
+tables = {lang: pd.read_parquet(path)
+          for lang, path in zip(science["languages"], snakemake.input.tables)}
+metrics = train_toy_model(tables, science["arch"], ToyConfig.from_dict(science["toy"]),
+                          science["seed"], snakemake.output.model, progress=progress)
 write_json(metrics, snakemake.output.metrics)

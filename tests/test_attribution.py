@@ -13,8 +13,8 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients
 
-from kneurons.attribution import (METHODS, Attribution, attribute,
-                                  knowledge_neurons, probability_gap, quadrature_rule)
+from kneurons.attribution import METHODS, Attribution, attribute, probability_gap, quadrature_rule
+from kneurons.neurons import knowledge_neurons
 from kneurons.queries import EncodedQuery, encode_query
 
 EN = "The capital of [X] is [Y] ."

@@ -170,8 +170,8 @@ def run_detect_dkn(folder, attribution, facts, out, log):
         input=Namespace(attribution=str(attribution), facts=str(facts), model=str(folder)),
         params=Namespace(model={"source": str(folder), "arch": "masked", "revision": None,
                                 "trust_remote_code": False, "toy": True},
-                         kn_threshold=0.2, max_kn=3, single_drop=0.2, pair_drop=0.25,
-                         version=2))
+                         science={"kn_threshold": 0.2, "max_kn": 3, "single_drop": 0.2,
+                                  "pair_drop": 0.25, "version": 2}))
     runpy.run_path(str(SCRIPTS / "detect_dkn.py"), init_globals={"snakemake": snakemake})
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kneurons.dkn import (aggregate_relations, detect_dkn_records, detect_query_dkn, is_degenerate_drop,
-                          knowledge_neurons_of, relation_dkn, robust_singles)
-from kneurons.hooks import FFNEdit, edit_ffn
+                          relation_dkn, robust_singles)
+from kneurons.hooks import FFNPatch, patch_ffn
+from kneurons.neurons import knowledge_neurons_of
 from kneurons.queries import encode_query
 
 
@@ -46,9 +47,9 @@ def test_knowledge_neurons_from_the_stored_best_neurons():
 
 
 def _direct_prob(lm, query, neurons):
-    edits = [FFNEdit(layer=layer, neurons=[neuron], positions=query.target_positions)
+    edits = [FFNPatch(layer=layer, neurons=[neuron], positions=query.target_positions)
              for layer, neuron in neurons]
-    with torch.inference_mode(), edit_ffn(lm, edits):
+    with torch.inference_mode(), patch_ffn(lm, edits):
         logits = lm.model(input_ids=torch.tensor([query.input_ids])).logits[0]
     probs = torch.softmax(logits[query.target_positions].float(), -1)
     return float(probs[range(len(query.target_ids)), query.target_ids].mean())

@@ -15,7 +15,8 @@ gguf = pytest.importorskip("gguf")  # part of requirements-real.txt (make setup-
 
 from conftest import build  # noqa: E402
 
-from kneurons.gguf import GGUFSourceError, import_gguf, sha256_file  # noqa: E402
+from kneurons.gguf import GGUFSourceError, import_gguf  # noqa: E402
+from kneurons.io import file_sha256  # noqa: E402
 from kneurons.models import UnsupportedArchitecture, load_model  # noqa: E402
 
 PROMPTS = ["The capital of Tanzania is Dodoma .", "Kilimanjaro is located in Tanzania ."]
@@ -98,7 +99,7 @@ def _logits(lm, text: str) -> torch.Tensor:
 
 def test_import_reproduces_the_source_model(source_lm, tiny_gguf, tmp_path):
     out, prov = tmp_path / "model", tmp_path / "import.json"
-    digest = sha256_file(tiny_gguf)
+    digest = file_sha256(tiny_gguf)
     record = import_gguf({"file": str(tiny_gguf), "sha256": digest}, "causal", out,
                          key="models.tiny.gguf", provenance=prov)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -131,7 +132,7 @@ def test_missing_file(tmp_path):
 
 def test_checksum_mismatch(tiny_gguf, tmp_path):
     msg = _fails(tmp_path, {"file": str(tiny_gguf), "sha256": "0" * 64})
-    assert "models.bad.gguf.sha256 mismatch" in msg and sha256_file(tiny_gguf) in msg
+    assert "models.bad.gguf.sha256 mismatch" in msg and file_sha256(tiny_gguf) in msg
 
 
 def test_package_not_installed(tmp_path):
@@ -194,7 +195,7 @@ def test_package_sources_shipped_whole_and_in_chunks(tiny_gguf, source_lm, tmp_p
         "import shutil\n"
         f"def assemble(path):\n    shutil.copyfile({str(tiny_gguf)!r}, path)\n    return path\n")})
     monkeypatch.syspath_prepend(str(site))
-    digest = sha256_file(tiny_gguf)
+    digest = file_sha256(tiny_gguf)
     for name in ("kn-whole-gguf", "kn-chunked-gguf"):
         out = tmp_path / name / "model"
         record = import_gguf({"package": name, "version": "1.0", "file": "tiny.gguf",

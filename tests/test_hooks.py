@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kneurons.hooks import (FFNEdit, capture_block_inputs, capture_ffn, edit_ffn, ffn_hooks,
-                            suppress_batch)
+from kneurons.hooks import FFNPatch, capture_block_inputs, capture_ffn, ffn_hooks, patch_ffn
+from kneurons.scoring import erased_token_probs
 from kneurons.queries import encode_query
 
 EN = "The capital of [X] is [Y] ."
@@ -73,7 +73,7 @@ def test_hooks_removed_after_error(ctx, tiny_bert):
     lm = tiny_bert
     managers = {
         "capture": lambda: capture_ffn(lm, [0, 1, 2]),
-        "edit": lambda: edit_ffn(lm, [FFNEdit(1, [0, 1], op="zero")]),
+        "edit": lambda: patch_ffn(lm, [FFNPatch(1, [0, 1], op="zero")]),
         "hooks": lambda: ffn_hooks(lm, {0: lambda a: a, 2: lambda a: a}, site="pre"),
         "blocks": lambda: capture_block_inputs(lm, [0, 1, 2]),
     }
@@ -99,17 +99,17 @@ def test_edit_ops_against_raw_hook(tiny_bert):
     ids = torch.tensor([q.input_ids] * 2)
     with torch.no_grad():
         base = lm.model(input_ids=ids).logits
-        with edit_ffn(lm, [FFNEdit(1, [3, 7], positions=q.target_positions, op="zero")]):
+        with patch_ffn(lm, [FFNPatch(1, [3, 7], positions=q.target_positions, op="zero")]):
             zeroed = lm.model(input_ids=ids).logits
-        with edit_ffn(lm, [FFNEdit(1, [3, 7], positions=q.target_positions, op="scale",
+        with patch_ffn(lm, [FFNPatch(1, [3, 7], positions=q.target_positions, op="scale",
                                    value=0.0)]):
             scaled0 = lm.model(input_ids=ids).logits
-        with edit_ffn(lm, [FFNEdit(1, [3, 7], op="scale", value=1.0)]):
+        with patch_ffn(lm, [FFNPatch(1, [3, 7], op="scale", value=1.0)]):
             scaled1 = lm.model(input_ids=ids).logits
-        with edit_ffn(lm, [FFNEdit(0, [5], positions=[2], op="set", value=2.5, rows=[1])]):
+        with patch_ffn(lm, [FFNPatch(0, [5], positions=[2], op="set", value=2.5, rows=[1])]):
             row1 = lm.model(input_ids=ids).logits
         with capture_ffn(lm, [0]) as seen, \
-                edit_ffn(lm, [FFNEdit(0, [5], positions=[2], op="set", value=2.5)]):
+                patch_ffn(lm, [FFNPatch(0, [5], positions=[2], op="set", value=2.5)]):
             lm.model(input_ids=ids[:1])
 
     def manual(mod, args):
@@ -142,7 +142,7 @@ def test_suppress_batch_matches_direct_forwards(name, template, subject, target,
     q = encode_query(lm, template, subject, target)
     sets = [[], [(0, 3)], [(1, 5), (2, 7)], [(2, 7), (2, 8)], [(0, 1), (0, 1)],
             [(2, n) for n in range(0, lm.d_ff, 3)]]
-    got = suppress_batch(lm, q, sets)
+    got = erased_token_probs(lm, q, sets)
     assert got.shape == (len(sets), len(q.target_ids)) and got.dtype == np.float32
     for row, s in zip(got, sets):
         patch: dict[int, list[int]] = {}
@@ -150,7 +150,7 @@ def test_suppress_batch_matches_direct_forwards(name, template, subject, target,
             patch.setdefault(layer, []).append(neuron)
         np.testing.assert_allclose(row, direct_probs(lm, q, patch), rtol=1e-4, atol=1e-7)
     assert not np.allclose(got[0], got[-1], rtol=1e-3)  # suppression has an effect
-    np.testing.assert_allclose(suppress_batch(lm, q, sets, batch_size=4), got, rtol=1e-5,
+    np.testing.assert_allclose(erased_token_probs(lm, q, sets, batch_size=4), got, rtol=1e-5,
                                atol=1e-8)
     assert n_hooks(lm.model) == 0
 

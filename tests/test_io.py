@@ -29,3 +29,16 @@ def test_parquet_round_trip(tmp_path):
     df = pd.DataFrame({"a": [1, 2], "b": ["x", "猫"]})
     write_parquet(df, tmp_path / "t.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "t.parquet"), df)
+
+
+def test_write_csv_and_read_json_round_trip(tmp_path):
+    from kneurons.io import read_json, write_csv, write_json
+
+    table = pd.DataFrame({"a": [1, 2], "b": [0.5, float("nan")]})
+    write_csv(table, tmp_path / "sub" / "t.csv")
+    with open(tmp_path / "want.csv", "w", encoding="utf-8") as handle:
+        table.to_csv(handle, index=False)
+    assert (tmp_path / "sub" / "t.csv").read_bytes() == (tmp_path / "want.csv").read_bytes()
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["t.csv"]  # no temporary left
+    write_json({"x": [1, 2], "y": "é"}, tmp_path / "d.json")
+    assert read_json(tmp_path / "d.json") == {"x": [1, 2], "y": "é"}

@@ -19,7 +19,7 @@ import torch
 
 from conftest import build
 from kneurons.dkn import aggregate_relations, detect_dkn_records, detect_query_dkn
-from kneurons.hooks import suppress_batch
+from kneurons.scoring import erased_token_probs
 from kneurons.queries import encode_query
 
 TEMPLATE, SUBJECT = "[X] lives in [Y] .", "Anna"
@@ -62,7 +62,7 @@ def planted():
 def test_the_construction_is_what_it_claims(planted):
     lm, obj = planted
     query = encode_query(lm, TEMPLATE, SUBJECT, obj)
-    probs = suppress_batch(lm, query, [[], [PAIR[0]], [PAIR[1]], PAIR])[:, 0]  # [4]
+    probs = erased_token_probs(lm, query, [[], [PAIR[0]], [PAIR[1]], PAIR])[:, 0]  # [4]
     base, only_a, only_b, both = probs
     assert base > 0.99 and only_a > 0.99 and only_b > 0.99  # either alone suffices
     assert both < 0.5 * base                                 # together they carry the fact

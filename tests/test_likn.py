@@ -12,13 +12,15 @@ import pandas as pd
 import pytest
 import torch
 
-from kneurons.hooks import ffn_hooks, suppress_batch
+from kneurons.hooks import ffn_hooks
+from kneurons.scoring import erased_token_probs
 from kneurons.likn import (
     ANY_LANGUAGE, EDIT_COLUMNS, control_partners, cross_lingual_editing, dai_edit_delta,
     edit_neuron_sets, edit_summary, edit_value_slots, find_likn, language_groups,
     language_independent_neurons, likn_layer_counts, likn_statistics, likn_table,
-    locality_facts, object_embedding, one_language_neurons, other_fact_likn, random_neurons_like,
-    sample_edit_facts, score_queries, share_of_kn, value_slot)
+    locality_facts, object_embedding, one_language_neurons, other_fact_likn, sample_edit_facts,
+    score_queries, share_of_kn)
+from kneurons.neurons import random_neurons_like
 from kneurons.queries import encode_query
 
 # ---- set logic ---------------------------------------------------------------------------
@@ -284,13 +286,13 @@ def test_erasing_matches_a_direct_forward_with_patched_activations(lm):
     erased, _ = score_queries(lm, queries, erase=erase)
     assert not np.allclose(plain, erased)
     for q, p in zip(queries, erased):  # the DKN suppression convention, too
-        assert p == pytest.approx(float(suppress_batch(lm, q, [erase]).mean()), rel=1e-5)
+        assert p == pytest.approx(float(erased_token_probs(lm, q, [erase]).mean()), rel=1e-5)
 
 
 def test_a_value_slot_edit_adds_activation_times_delta_to_the_ffn_output(lm):
     proj = lm.ffn_site(1)
     x = torch.randn(2, 3, lm.d_ff)  # [batch, seq, d_ff]
-    hidden = value_slot(lm, 1, 5).shape[0]
+    hidden = lm.value_slot(1, 5).shape[0]
     delta = torch.randn(hidden)
     with torch.no_grad():
         before = proj(x)  # [batch, seq, hidden]
@@ -304,7 +306,7 @@ def test_edit_value_slots_matches_hand_changed_weights_and_restores_them(lm):
     neurons = [(0, 2), (lm.n_layers - 1, 9)]
     query = encode_query(lm, *QUERIES[lm.arch][0])
     ids = torch.as_tensor([query.input_ids])
-    hidden = value_slot(lm, 0, 0).shape[0]
+    hidden = lm.value_slot(0, 0).shape[0]
     delta = torch.linspace(-1, 1, hidden)
     manual = copy.deepcopy(lm.model)
     with torch.no_grad():
@@ -399,7 +401,7 @@ def test_cross_lingual_editing_on_a_tiny_model(tiny_bert):
 
 
 def test_likn_report_tables_markdown_and_figures(tmp_path):
-    from kneurons.reports import LIKN_FIGURES, likn_report
+    from kneurons.likn_report import LIKN_FIGURES, likn_report
 
     table = likn_table(KN, RELATIONS, seed=0)
     rows = [dict(operation=op, neuron_set=name, edit_lang=ANY_LANGUAGE if op == "erase" else "en",

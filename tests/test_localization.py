@@ -8,8 +8,8 @@ import pytest
 
 from kneurons import localization as loc
 from kneurons import scoring
-from kneurons.attribution import attribute, knowledge_neurons
-from kneurons.dkn import knowledge_neurons_of
+from kneurons.attribution import attribute
+from kneurons.neurons import knowledge_neurons, knowledge_neurons_of
 from kneurons.queries import encode_query
 from kneurons.shards import attribute_candidates, candidate_table
 

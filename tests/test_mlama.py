@@ -575,3 +575,22 @@ def test_cap_facts_per_relation_is_seeded_uuid_consistent_and_nested():
     assert len(cap_facts_per_relation(facts, 50, seed=1)) == 30
     with pytest.raises(ValueError):
         cap_facts_per_relation(facts, 0, seed=1)
+
+
+def test_prepare_mlama_reads_caps_reports_and_checks_drops(tmp_path):
+    from kneurons.mlama import cap_facts_per_relation, prepare_mlama
+
+    table, report = prepare_mlama(MINI, "en", "all", strict=True)
+    plain, plain_report = read_mlama(MINI, "en")
+    pd.testing.assert_frame_equal(table, plain)
+    assert report == plain_report and "max_facts_per_relation" not in report
+    capped, capped_report = prepare_mlama(MINI, "en", ["P17", "P36"], max_facts_per_relation=2,
+                                          cap_seed=5)
+    want = cap_facts_per_relation(read_mlama(MINI, "en", ["P17", "P36"])[0], 2, 5)
+    pd.testing.assert_frame_equal(capped, want)
+    assert capped_report["max_facts_per_relation"] == 2 and capped_report["facts_kept"] == 4
+    write_lang(tmp_path, "en", {"P17": "[X] is in [Y] ."}, {"P17": [fact(0), fact(1)],
+                                                             "P20": b""})
+    prepare_mlama(tmp_path, "en", ["P17", "P20"])  # a warning only
+    with pytest.raises(MlamaDropError, match="P20"):
+        prepare_mlama(tmp_path, "en", ["P17", "P20"], strict=True)

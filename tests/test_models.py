@@ -106,3 +106,34 @@ def test_gemma_entries_are_causal_with_the_softcapped_head():
         spec = ARCHITECTURES[name]
         assert spec.kinds == frozenset({"causal"}) and spec.head is not None
     assert ARCHITECTURES["gemma3_text"].head is not ARCHITECTURES["llama"].head
+
+
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_roberta", "tiny_llama",
+                                  "tiny_neox"])
+def test_the_registry_knows_each_architectures_value_slot_layout(name, request):
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    lm = request.getfixturevalue(name)
+    proj = lm.ffn_site(0)
+    assert lm.spec.value_rows == isinstance(proj, Conv1D)
+    assert isinstance(proj, Conv1D if lm.spec.value_rows else nn.Linear)
+    want = proj.weight[3, :] if isinstance(proj, Conv1D) else proj.weight[:, 3]  # [hidden]
+    assert lm.value_slot(0, 3).data_ptr() == want.data_ptr()  # a view, not a copy
+    assert torch.equal(lm.value_slot(0, 3), want)
+    assert lm.d_ff == (proj.weight.shape[0] if isinstance(proj, Conv1D) else proj.in_features)
+
+
+def test_a_jobs_model_params_load_the_model(tmp_path, monkeypatch):
+    from kneurons.models import load_job_model
+
+    lm = build("gpt2")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no device to lease: the CPU
+    params = {"source": str(tmp_path), "arch": "causal", "revision": None,
+              "trust_remote_code": False, "toy": True}  # as common.smk's model_params
+    loaded = load_job_model(params)
+    assert loaded.spec.model_type == "gpt2" and loaded.device.type == "cpu"
+    assert (loaded.n_layers, loaded.d_ff) == (lm.n_layers, lm.d_ff)

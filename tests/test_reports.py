@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kneurons.reports import (FACT_CHECK_COLUMNS, fact_check_markdown, fact_check_table,
+from kneurons.fact_check_report import (FACT_CHECK_COLUMNS, fact_check_markdown, fact_check_table,
                               plot_dkn_layers, plot_f1_vs_lambda, plot_per_relation_f1,
                               plot_roc)
 

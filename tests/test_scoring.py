@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from kneurons import scoring
-from kneurons.hooks import suppress_batch
+from kneurons.hooks import FFNPatch, ffn_hooks, patch_ffn
 from kneurons.likn import score_queries
-from kneurons.queries import encode_prompt
+from kneurons.queries import encode_prompt, pad_queries
+from kneurons.scoring import erased_token_probs
 
 PROMPTS = {
     "bert": [("the capital of tanzania is [MASK] .", "dodoma"),
@@ -145,8 +146,9 @@ def test_the_existing_suppression_paths_are_special_cases(tiny_bert, tiny_gpt2):
     for lm, kind in ((tiny_bert, "bert"), (tiny_gpt2, "gpt2")):
         queries = queries_of(lm, kind)
         sets = [[], [(0, 1)], [(0, 1), (1, 4), (2, 9)]]
-        np.testing.assert_allclose(scoring.erased_token_probs(lm, queries[0], sets),
-                                   suppress_batch(lm, queries[0], sets), rtol=1e-5, atol=1e-7)
+        general = scoring.score(lm, [queries[0]] * len(sets), [scoring.erase(s) for s in sets])
+        np.testing.assert_allclose(erased_token_probs(lm, queries[0], sets),
+                                   np.stack(general.token_probs), rtol=1e-5, atol=1e-7)
         probs, top1 = score_queries(lm, queries, erase=sets[2])
         got = scoring.score(lm, queries, [scoring.erase(sets[2])] * len(queries))
         np.testing.assert_allclose(got.prob, probs, rtol=1e-5, atol=1e-8)
@@ -178,3 +180,101 @@ def test_the_head_runs_only_at_the_object_positions_and_gives_the_same_scores(mo
     for a, b in zip(sliced.token_probs, full.token_probs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
     assert (sliced.top1 == full.top1).all()
+
+
+# ---- the paths scoring replaced, frozen as they were (024c03b), must give bitwise the same ----
+
+def _old_target_probs(logits, q):  # hooks._target_probs
+    pos = torch.as_tensor(q.target_positions, device=logits.device)
+    tgt = torch.as_tensor(q.target_ids, device=logits.device)
+    probs = torch.softmax(logits[:, pos, :].float(), dim=-1)
+    return probs.gather(-1, tgt[None, :, None].expand(probs.shape[0], -1, 1)).squeeze(-1)
+
+
+def _old_suppress_batch(lm, query, neuron_sets, *, batch_size=64):  # hooks.suppress_batch
+    n = len(neuron_sets)
+    out = np.zeros((n, len(query.target_ids)), dtype=np.float32)
+    bs = n if batch_size is None else max(1, int(batch_size))
+    ids = torch.as_tensor(query.input_ids, device=lm.device)[None, :]
+    pos = torch.as_tensor(query.target_positions, dtype=torch.long, device=lm.device)
+    for start in range(0, n, bs):
+        chunk = neuron_sets[start:start + bs]
+        pairs = {}
+        for r, s in enumerate(chunk):
+            for layer, neuron in s:
+                rows_l, neus_l = pairs.setdefault(int(layer), ([], []))
+                rows_l.append(r)
+                neus_l.append(int(neuron))
+
+        def zeroer(rows_l, neus_l):
+            r_t = torch.as_tensor(rows_l, dtype=torch.long, device=lm.device)
+            n_t = torch.as_tensor(neus_l, dtype=torch.long, device=lm.device)
+            idx = (r_t[:, None], pos[None, :], n_t[:, None])
+            return lambda act: act.index_put(idx, torch.zeros((), dtype=act.dtype,
+                                                              device=act.device))
+
+        with torch.inference_mode(), ffn_hooks(lm, {k: zeroer(*v) for k, v in pairs.items()}):
+            logits = lm.model(input_ids=ids.expand(len(chunk), -1)).logits
+        out[start:start + len(chunk)] = _old_target_probs(logits, query).cpu().numpy()
+    return out
+
+
+def _old_score_queries(lm, queries, erase=()):  # likn.score_queries
+    by_layer = {}
+    for layer, neuron in dict.fromkeys((int(a), int(b)) for a, b in erase):
+        by_layer.setdefault(layer, []).append(neuron)
+    patches = [FFNPatch(layer, neurons, positions=q.target_positions, op="zero", rows=[r])
+               for r, q in enumerate(queries) for layer, neurons in by_layer.items()]
+    ids, mask = pad_queries(lm, queries)
+    with torch.inference_mode(), patch_ffn(lm, patches):
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits
+    probs, top1 = np.zeros(len(queries)), np.zeros(len(queries), dtype=bool)
+    for r, q in enumerate(queries):
+        pos = torch.as_tensor(q.target_positions, device=logits.device)
+        tgt = torch.as_tensor(q.target_ids, device=logits.device)
+        row = logits[r, pos].float()
+        p = torch.softmax(row, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
+        probs[r] = float(p.mean())
+        top1[r] = bool((row.argmax(-1) == tgt).all())
+    return probs, top1
+
+
+def test_scoring_gives_bitwise_the_results_of_the_paths_it_replaced(model):
+    kind, lm = model
+    queries = queries_of(lm, kind)
+    sets = [[], [(0, 1)], [(1, 4), (0, 1)], [(0, 1), (1, 4), (1, 9), (1, 9)], [(1, 3)]]
+    for batch_size in (64, 2, None):
+        np.testing.assert_array_equal(erased_token_probs(lm, queries[0], sets,
+                                                         batch_size=batch_size),
+                                      _old_suppress_batch(lm, queries[0], sets,
+                                                          batch_size=batch_size))
+    for erase in ((), sets[2], sets[3]):
+        old_probs, old_top1 = _old_score_queries(lm, queries, erase)
+        probs, top1 = score_queries(lm, queries, erase)
+        np.testing.assert_array_equal(probs, old_probs)
+        np.testing.assert_array_equal(top1, old_top1)
+
+
+def test_object_token_probs_is_the_convergence_checks_probability():
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))  # [N, S, V]
+    pos, tgt = torch.as_tensor([1, 3]), torch.as_tensor([4, 9])
+    old = torch.softmax(logits[:, pos].float(), dim=-1)[:, torch.arange(2), tgt]  # probability_gap
+    assert torch.equal(scoring.object_token_probs(logits[:, pos], [4, 9]), old)
+
+
+def test_replaced_token_probs_is_the_convergence_checks_baseline_forward(model):
+    kind, lm = model
+    query = queries_of(lm, kind)[0]
+    values = torch.randn(3, lm.d_ff, generator=torch.Generator().manual_seed(1))  # [B, d_ff]
+    ids = torch.as_tensor([query.input_ids])
+    pos = torch.as_tensor(query.target_positions)
+    for layer in range(lm.n_layers):
+        def put(act, p=pos[0]):  # probability_gap's hook as it was (024c03b)
+            act = act.clone()
+            act[:, p] = values.to(act.dtype)
+            return act
+        with torch.inference_mode(), ffn_hooks(lm, {layer: put}):
+            logits = lm.model(input_ids=ids.expand(3, -1)).logits
+        old = torch.softmax(logits[:, pos].float(), dim=-1)[:, torch.arange(len(pos)),
+                                                             torch.as_tensor(query.target_ids)]
+        assert torch.equal(scoring.replaced_token_probs(lm, query, layer, pos[0], values), old)

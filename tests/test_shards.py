@@ -9,7 +9,8 @@ import pytest
 from kneurons.attribution import attribute
 from kneurons.checkpoint import Checkpoint
 from kneurons.queries import encode_query
-from kneurons.records import read_shard, score_matrix, top_neurons, write_shard
+from kneurons.neurons import top_neurons
+from kneurons.records import read_shard, score_matrix, write_shard
 from kneurons.shards import attribute_candidates, candidate_table, run_shard, shard_of
 
 

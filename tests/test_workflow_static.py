@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -99,3 +100,43 @@ def test_bad_config_stops_before_any_job(tmp_path, patch, needle):
     assert result.returncode != 0
     assert needle in result.stdout + result.stderr
     assert "rule prepare_mlama" not in result.stdout
+
+
+def rerun_blind_spots(rows: list) -> list[str]:
+    """Params of a job that a change could slip past: Snakemake compares a job's params as a
+    *set* of serialized values without their names (persistence.params_changed), so two plain
+    params can swap, or one can take a value another param has, with no rerun. A param that is
+    a dict serializes with its keys; dicts with different key sets can never be equal."""
+    problems, keys = [], {}
+    for rule, name, value in rows:
+        if not isinstance(value, dict):
+            problems.append(f"{rule}: param {name}={value!r} is not a dict")
+            continue
+        for other, other_keys in keys.get(rule, {}).items():
+            if other != name and other_keys == set(value):
+                problems.append(f"{rule}: params {name} and {other} have the same keys")
+        keys.setdefault(rule, {})[name] = set(value)
+    return problems
+
+
+def test_rerun_blind_spots_are_found():
+    old = [["localize_neurons", "unrelated_facts", 3], ["localize_neurons", "version", 1]]
+    assert len(rerun_blind_spots(old)) == 2
+    twins = [["r", "a", {"x": 1}], ["r", "b", {"x": 2}]]
+    assert rerun_blind_spots(twins) == ["r: params b and a have the same keys"]
+
+
+@pytest.mark.parametrize("configfile", ["config.yaml", "configs/real.yaml"])
+def test_every_param_change_reruns(tmp_path, configfile):
+    """Every planned job's params are dicts with distinct keys, so no change goes unseen."""
+    out = tmp_path / "params.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests/job_params.py"), str(out), "-n", "--forceall",
+         "--cores", "1", "--quiet", "--configfile", configfile],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text(encoding="utf-8"))
+    rules = {rule for rule, _, _ in rows}
+    assert {"attribute_shard", "detect_dkn", "fact_check", "edit_likn",
+            "localize_neurons"} <= rules
+    assert rerun_blind_spots(rows) == []

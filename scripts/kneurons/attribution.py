@@ -49,6 +49,7 @@ import torch
 from .hooks import SITES, capture_block_inputs, capture_ffn, ffn_hooks, site_module
 from .models import LanguageModel
 from .queries import EncodedQuery, pad_queries
+from .scoring import object_token_probs, replaced_token_probs
 
 METHODS = ("ig", "amig")
 QUADRATURES = ("riemann", "gauss-legendre", "linspace")
@@ -549,29 +550,6 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
     return results  # type: ignore[return-value]
 
 
-def knowledge_neurons(scores: np.ndarray, threshold: float, max_kn: int | None
-                      ) -> list[tuple[int, int, float]]:
-    """Neurons with ``score > threshold * max(scores)``, as (layer, neuron, score) sorted by
-    score (descending; ties by layer, neuron), at most ``max_kn`` of them. Nothing is
-    selected when the maximum score is not positive. The rule is the workflow's
-    (:func:`kneurons.dkn.knowledge_neurons_of`, which works on a record's stored best
-    neurons), applied here to a full score matrix."""
-    from .dkn import knowledge_neurons_of
-    from .records import top_neurons
-
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError("scores must be [n_layers, d_ff]")
-    top = float(scores.max()) if scores.size else 0.0
-    if not top > 0:
-        return []
-    k = int((scores > threshold * top).sum())
-    layers, neurons, vals = top_neurons(scores, k)  # best first, ties by (layer, neuron)
-    chosen = knowledge_neurons_of(layers, neurons, vals, threshold,
-                                  k if max_kn is None else max(0, int(max_kn)))
-    return [(layer, neuron, float(scores[layer, neuron])) for layer, neuron in chosen]
-
-
 def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "amig",
                     layers: Sequence[int] | None = None, site: str = "post") -> np.ndarray:
     """What the scores of each layer must add up to (the completeness property, the
@@ -592,15 +570,11 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
     dev = lm.device
     ids = torch.as_tensor([query.input_ids], device=dev)  # [1, S]
     pos = torch.as_tensor(query.target_positions, device=dev)  # [T]
-    tgt = torch.as_tensor(query.target_ids, device=dev)  # [T]
-
-    def probs(logits: torch.Tensor) -> torch.Tensor:  # [N, S, V] -> [N, T]
-        p = torch.softmax(logits[:, pos].float(), dim=-1)  # [N, T, V]
-        return p[:, torch.arange(len(pos), device=dev), tgt]
 
     with torch.inference_mode():
         with capture_ffn(lm, layers, site) as acts:
-            p_a = probs(lm.model(input_ids=ids).logits)[0]  # [T]
+            logits = lm.model(input_ids=ids).logits  # [1, S, vocab]
+        p_a = object_token_probs(logits[:, pos], query.target_ids)[0]  # [T]
         if method == "ig":
             base = {layer: torch.zeros((1, len(pos), lm.d_ff), device=dev) for layer in layers}
         else:
@@ -614,16 +588,10 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
             base = {layer: acts[layer][:, pos].float() for layer in layers}  # [B, T, d_ff]
         gap = np.zeros(lm.n_layers)
         for layer in layers:
-            b = base[layer]
-            n_b = b.shape[0]
+            b = base[layer]  # [B, T, d_ff]
             total = 0.0
             for t in range(len(pos)):
-                def put(act: torch.Tensor, t=t, b=b) -> torch.Tensor:  # act: [B, S, d_ff]
-                    act = act.clone()
-                    act[:, pos[t]] = b[:, t].to(act.dtype)
-                    return act
-                with ffn_hooks(lm, {layer: put}, site):
-                    p_b = probs(lm.model(input_ids=ids.expand(n_b, -1)).logits)[:, t]  # [B]
-                total += float(p_a[t]) - float(p_b.double().mean())
+                p_b = replaced_token_probs(lm, query, layer, pos[t], b[:, t], site=site)[:, t]
+                total += float(p_a[t]) - float(p_b.double().mean())  # p_b: [B]
             gap[layer] = total / len(pos)
     return gap

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import write_json, write_parquet
+from .io import file_sha256, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def open_checkpoint(
         parts["model"] = _digest_bytes(json.dumps(dict(model), sort_keys=True, default=str).encode())
         parts["model_weights"] = model_digest(model["source"], model.get("revision"))
     for name, path in (files or {}).items():
-        parts[f"input {name}"] = file_digest(path)
+        parts[f"input {name}"] = file_sha256(path)
     for name, table in (tables or {}).items():
         parts[f"input {name}"] = table_digest(table)
     return Checkpoint(folder, parts)
@@ -102,15 +102,6 @@ def open_checkpoint(
 
 def _digest_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def table_digest(table: pd.DataFrame) -> str:
@@ -137,7 +128,7 @@ def model_digest(source: str | Path, revision: str | None = None) -> str:
         if name.startswith("."):  # e.g. .cache/ of huggingface_hub downloads
             continue
         target = Path(os.path.realpath(path))
-        content = target.name if target.parent.name == "blobs" else file_digest(path)
+        content = target.name if target.parent.name == "blobs" else file_sha256(path)
         digest.update(f"{name}\0{content}\n".encode())
     return digest.hexdigest()
 

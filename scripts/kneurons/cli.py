@@ -89,7 +89,7 @@ def read_queries(path: Path, marker: str) -> list[tuple[str, str]]:
 
 
 def _report(i: int | None, res, top: int, n_layers: int) -> None:
-    from .attribution import knowledge_neurons
+    from .neurons import knowledge_neurons
 
     head = "" if i is None else f"[{i}] "
     print(f"{head}P(target) = {res.prob:.6g} (per-token mean; tokens: "
@@ -102,7 +102,7 @@ def _report(i: int | None, res, top: int, n_layers: int) -> None:
 
 def _attribute(args: argparse.Namespace) -> None:
     from .attribution import attribute
-    from .io import atomic_path, write_json
+    from .io import write_json, write_npy
     from .models import load_model
     from .queries import encode_prompt
 
@@ -137,9 +137,7 @@ def _attribute(args: argparse.Namespace) -> None:
         (res,) = attribute(lm, encoded, **opts)
         _report(None, res, args.top, lm.n_layers)
         if args.out is not None:
-            with atomic_path(args.out) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, res.scores.astype(np.float32))
+            write_npy(res.scores.astype(np.float32), args.out)
         return
     seconds = []
     for i, q in enumerate(encoded):
@@ -148,9 +146,7 @@ def _attribute(args: argparse.Namespace) -> None:
         seconds.append(time.perf_counter() - t0)
         _report(i, res, args.top, lm.n_layers)
         if args.out is not None:
-            with atomic_path(args.out / f"{i}.npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, res.scores.astype(np.float32))
+            write_npy(res.scores.astype(np.float32), args.out / f"{i}.npy")
     if args.out is not None:
         write_json({"seconds": seconds}, args.out / "timings.json")
 

@@ -32,12 +32,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .hooks import suppress_batch
 from .models import LanguageModel
+from .neurons import Neuron, knowledge_neurons_of
 from .queries import EncodedQuery, encode_query
-
-Neuron = tuple[int, int]  # (layer, index in the layer's FFN)
-
+from .scoring import erased_token_probs
 
 @dataclass
 class QueryDKN:
@@ -79,14 +77,14 @@ def detect_query_dkn(
     (pairs with a non-robust member cannot be degenerate, so they are not measured).
     """
     kn = [(int(layer), int(neuron)) for layer, neuron in kn]
-    first = suppress_batch(lm, query, [[]] + [[neuron] for neuron in kn], batch_size=batch_size)
+    first = erased_token_probs(lm, query, [[]] + [[neuron] for neuron in kn], batch_size=batch_size)
     probs = first.mean(axis=1)  # [1 + n_kn]: mean over the object's tokens
     base_prob, single_probs = float(probs[0]), [float(p) for p in probs[1:]]
     robust = robust_singles(base_prob, single_probs, single_drop)
     candidates = list(combinations(robust, 2))
     pairs, pair_probs = [], []
     if candidates:
-        joint = suppress_batch(lm, query, [[kn[i], kn[j]] for i, j in candidates],
+        joint = erased_token_probs(lm, query, [[kn[i], kn[j]] for i, j in candidates],
                                batch_size=batch_size).mean(axis=1)
         for (i, j), prob in zip(candidates, joint):
             if is_degenerate_drop(base_prob, float(prob), pair_drop):
@@ -121,20 +119,6 @@ def relation_dkn(query_dkns: Iterable[Iterable[Neuron]], relation_threshold: flo
     kept = [neuron for neuron, count in counts.items() if count > cutoff]
     kept.sort(key=lambda neuron: (-counts[neuron], neuron))
     return kept, counts
-
-
-def knowledge_neurons_of(top_layers: Sequence[int], top_neurons: Sequence[int],
-                         top_scores: Sequence[float], threshold: float, max_kn: int
-                         ) -> list[Neuron]:
-    """Knowledge neurons from a record's stored best neurons (best first): score above
-    ``threshold`` x the record's maximum score, at most ``max_kn``."""
-    scores = np.asarray(top_scores, dtype=np.float64)
-    if scores.size == 0 or scores[0] <= 0:
-        return []
-    keep = scores > threshold * scores[0]
-    chosen = [(int(layer), int(neuron)) for layer, neuron, k in
-              zip(top_layers, top_neurons, keep) if k]
-    return chosen[:max_kn]
 
 
 def detect_dkn_records(

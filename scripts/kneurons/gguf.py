@@ -19,7 +19,6 @@ refuses ``save_pretrained``, so a fresh model is built from its config (without 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .io import file_sha256
 from .models import ARCHITECTURES, UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ IMPORT_VERSION = 1  # bumped when the imported folder changes for the same sourc
 
 class GGUFSourceError(ValueError):
     """A GGUF source that cannot be imported: the message names the config key and the fix."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_types(path: str | Path) -> dict[str, int]:
@@ -120,7 +112,7 @@ def locate_gguf(source: dict, key: str, workdir: Path) -> Path:
 
 def verify_sha256(path: Path, expected: str | None, key: str) -> str:
     """The file's sha256, checked against ``expected`` (when given) before anything loads it."""
-    actual = sha256_file(path)
+    actual = file_sha256(path)
     if expected is not None and actual != expected.lower():
         raise GGUFSourceError(
             f"config: {key}.sha256 mismatch for {path}: expected {expected}, the file has "

@@ -8,8 +8,11 @@ raises. Two activation sites exist per layer:
 * ``"pre"``: the output of the FFN input projection (before the nonlinearity), reached with a
   forward hook; not defined for gated FFNs.
 
-Edits are applied *functionally* (``index_put`` on a copy), so gradients flow through the new
-values and the model's own tensors are never modified in place.
+Activation *patches* (:class:`FFNPatch`, :func:`patch_ffn`) are applied functionally
+(``index_put`` on a copy), so gradients flow through the new values and the model's own tensors
+are never modified in place. (An *edit*, in kneurons, changes weights: the LIKN edit,
+:func:`kneurons.likn.edit_value_slots`.) Scoring an object under a patch is
+:mod:`kneurons.scoring`.
 """
 
 from __future__ import annotations
@@ -18,12 +21,10 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from .models import LanguageModel
-from .queries import EncodedQuery
 
 Site = Literal["post", "pre"]
 SITES: tuple[str, ...] = ("post", "pre")
@@ -92,12 +93,12 @@ def capture_ffn(lm: LanguageModel, layers: Sequence[int] | None = None,
 
 
 @dataclass(frozen=True)
-class FFNEdit:
+class FFNPatch:
     """Change the activation of ``neurons`` of ``layer`` at ``positions``.
 
     ``op``: ``"zero"`` (set to 0), ``"scale"`` (multiply by ``value``), ``"set"`` (set to
     ``value``). ``positions=None``: every position. ``rows=None``: every sample of the batch,
-    otherwise only those batch rows (per-sample edit sets in one batched forward).
+    otherwise only those batch rows (per-sample patches in one batched forward).
     """
 
     layer: int
@@ -112,11 +113,11 @@ class FFNEdit:
             raise ValueError(f"op must be zero, scale or set, got {self.op!r}")
 
 
-def _apply_edits(act: torch.Tensor, edits: Sequence[FFNEdit]) -> torch.Tensor:
+def _apply_patches(act: torch.Tensor, patches: Sequence[FFNPatch]) -> torch.Tensor:
     # act: [batch, seq, d_ff]
     b, s, _ = act.shape
     out = act
-    for e in edits:
+    for e in patches:
         rows = torch.arange(b, device=act.device) if e.rows is None else \
             torch.as_tensor(list(e.rows), dtype=torch.long, device=act.device)
         pos = torch.arange(s, device=act.device) if e.positions is None else \
@@ -137,67 +138,19 @@ def _apply_edits(act: torch.Tensor, edits: Sequence[FFNEdit]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def edit_ffn(lm: LanguageModel, edits: Sequence[FFNEdit], site: str = "post") -> Iterator[None]:
-    """Apply ``edits`` to every forward pass run in the body."""
-    by_layer: dict[int, list[FFNEdit]] = {}
-    for e in edits:
+def patch_ffn(lm: LanguageModel, patches: Sequence[FFNPatch], site: str = "post"
+              ) -> Iterator[None]:
+    """Apply ``patches`` to every forward pass run in the body."""
+    by_layer: dict[int, list[FFNPatch]] = {}
+    for e in patches:
         by_layer.setdefault(e.layer, []).append(e)
-    def editor(es: list[FFNEdit]) -> ActFn:
-        return lambda act: _apply_edits(act, es)
 
-    fns = {layer: editor(es) for layer, es in by_layer.items()}
+    def patcher(es: list[FFNPatch]) -> ActFn:
+        return lambda act: _apply_patches(act, es)
+
+    fns = {layer: patcher(es) for layer, es in by_layer.items()}
     with ffn_hooks(lm, fns, site):
         yield
-
-
-def _target_probs(logits: torch.Tensor, q: EncodedQuery) -> torch.Tensor:
-    # logits: [batch, seq, vocab] -> P(target token t at its position) [batch, n_targets]
-    pos = torch.as_tensor(q.target_positions, device=logits.device)
-    tgt = torch.as_tensor(q.target_ids, device=logits.device)
-    probs = torch.softmax(logits[:, pos, :].float(), dim=-1)  # [batch, n_targets, vocab]
-    return probs.gather(-1, tgt[None, :, None].expand(probs.shape[0], -1, 1)).squeeze(-1)
-
-
-def suppress_batch(lm: LanguageModel, query: EncodedQuery,
-                   neuron_sets: Sequence[Sequence[tuple[int, int]]], *,
-                   batch_size: int | None = 64) -> np.ndarray:
-    """P(target token t) [len(neuron_sets), n_target_tokens] with the neurons of each set
-    suppressed (activation set to 0 at the target positions), one batch row per set.
-
-    An empty set gives the unpatched probabilities. ``batch_size`` caps rows per forward
-    (the model computes full logits [rows, seq, vocab]; ``None``: all sets in one forward).
-    """
-    n = len(neuron_sets)
-    out = np.zeros((n, len(query.target_ids)), dtype=np.float32)
-    if n == 0:
-        return out
-    bs = n if batch_size is None else max(1, int(batch_size))
-    ids = torch.as_tensor(query.input_ids, device=lm.device)[None, :]  # [1, seq]
-    pos = torch.as_tensor(query.target_positions, dtype=torch.long, device=lm.device)
-    for start in range(0, n, bs):
-        chunk = neuron_sets[start:start + bs]
-        # per layer: (row, neuron) pairs to zero at every target position
-        pairs: dict[int, tuple[list[int], list[int]]] = {}
-        for r, s in enumerate(chunk):
-            for layer, neuron in s:
-                rows_l, neus_l = pairs.setdefault(int(layer), ([], []))
-                rows_l.append(r)
-                neus_l.append(int(neuron))
-
-        def zeroer(rows_l: list[int], neus_l: list[int]):
-            r_t = torch.as_tensor(rows_l, dtype=torch.long, device=lm.device)
-            n_t = torch.as_tensor(neus_l, dtype=torch.long, device=lm.device)
-            idx = (r_t[:, None], pos[None, :], n_t[:, None])  # [pairs, n_targets]
-
-            def fn(act: torch.Tensor) -> torch.Tensor:  # act: [rows, seq, d_ff]
-                return act.index_put(idx, torch.zeros((), dtype=act.dtype, device=act.device))
-            return fn
-
-        fns = {layer: zeroer(*rn) for layer, rn in pairs.items()}
-        with torch.inference_mode(), ffn_hooks(lm, fns):
-            logits = lm.model(input_ids=ids.expand(len(chunk), -1)).logits  # [rows, seq, vocab]
-        out[start:start + len(chunk)] = _target_probs(logits, query).cpu().numpy()
-    return out
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Atomic output writing: a failed job never leaves a partial file behind.
+"""Reading and atomic writing of job files: a failed job never leaves a partial file behind.
 
 Every writer goes to a temporary file in the destination folder and renames it into place
 only when the write has succeeded (``os.replace`` is atomic on POSIX within a filesystem).
@@ -7,6 +7,7 @@ only when the write has succeeded (``os.replace`` is atomic on POSIX within a fi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -33,10 +34,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` to ``path`` atomically (no index)."""
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write ``df`` to ``path`` as CSV atomically (no index)."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def write_npy(array, path: str | os.PathLike) -> None:
+    """Write a numpy array to ``path`` (``.npy``) atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document at ``path`` (UTF-8); the file is closed again."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def json_safe(obj: Any) -> Any:

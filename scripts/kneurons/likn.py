@@ -6,7 +6,7 @@ shared neurons changes the fact in both languages.
 
 **LIKN** (:func:`language_independent_neurons`, :func:`likn_table`). The KN of a fact in a
 language are those of its true-object attribution record, chosen by the workflow's one rule
-:func:`kneurons.dkn.knowledge_neurons_of` (score above ``kn_threshold`` x the record's
+:func:`kneurons.neurons.knowledge_neurons_of` (score above ``kn_threshold`` x the record's
 maximum, at most ``max_kn``, best first). For a fact (uuid) present in several languages and
 for each *language group* (every pair of the model's languages, and all of them together
 when there are more than two; :func:`language_groups`) its LIKN is the intersection of its KN
@@ -50,7 +50,8 @@ such. Two operations, each with every set:
   (``get_output_embeddings().weight``, [vocab, hidden]) of the object, the mean over its
   tokens *in the edited language's tokenization* for multi-token objects. Dai et al. use
   λ1 = 1, λ2 = 8. The edit is done in one language (``edit_lang``) and measured in every
-  language; the weights are restored exactly afterwards (:func:`edit_value_slots`).
+  language; the weights are restored exactly afterwards (:func:`edit_value_slots`; the slot
+  layout is the architecture registry's, :attr:`kneurons.models.ArchSpec.value_rows`).
 
 Scored in every language (``eval_lang``) before and after each intervention: the fact's true
 object (P(true), mean over its tokens as everywhere in kneurons; top-1: every object token is
@@ -64,7 +65,6 @@ eval_lang, target).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import combinations
@@ -75,10 +75,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .dkn import Neuron, knowledge_neurons_of
-from .hooks import FFNEdit, edit_ffn
+from . import scoring
 from .models import LanguageModel
-from .queries import EncodedQuery, encode_query, pad_queries
+from .neurons import (Neuron, knowledge_neurons_by_fact, random_neurons_like, seeded_rank,
+                      seeded_rng)
+from .queries import EncodedQuery, encode_query
 
 KINDS = ("fact", "control_random", "control_same_relation")
 """Row kinds of the LIKN table: the real facts, then the two chance controls."""
@@ -101,28 +102,7 @@ SUMMARY_COLUMNS = ["operation", "neuron_set", "edit_lang", "eval_lang", "target"
                    "p_wrong_before", "p_wrong_after", "delta_p_wrong", "edit_success"]
 
 
-def _rng(*parts) -> np.random.Generator:
-    """A generator seeded from sha256 of ``parts`` (independent of row order)."""
-    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
-
-
-def _rank(*parts) -> bytes:
-    return hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).digest()
-
-
 # ---- LIKN: sets and statistics (model-free) -----------------------------------------------
-
-def knowledge_neurons_by_fact(records: pd.DataFrame, kn_threshold: float, max_kn: int
-                              ) -> dict[str, list[Neuron]]:
-    """uuid -> KN (best first) of each true-object record of an attribution table."""
-    true = records[records["candidate"] == "true"]
-    if true["uuid"].duplicated().any():
-        raise ValueError("several true-object records of one fact")
-    return {uuid: knowledge_neurons_of(layers, neurons, scores, kn_threshold, max_kn)
-            for uuid, layers, neurons, scores in zip(true["uuid"], true["top_layers"],
-                                                     true["top_neurons"], true["top_scores"])}
-
 
 def language_independent_neurons(kn_sets: Sequence[Iterable[Neuron]]) -> list[Neuron]:
     """The neurons in every one of ``kn_sets``, in the order of the first set (no duplicates)."""
@@ -153,7 +133,7 @@ def control_partners(uuids: Sequence[str], relations: Mapping[str, str], seed: i
     for key, members in sorted(groups.items()):
         if len(members) < 2:
             continue
-        order = [members[i] for i in _rng("likn-control", seed, key).permutation(len(members))]
+        order = [members[i] for i in seeded_rng("likn-control", seed, key).permutation(len(members))]
         partners.update({u: order[(i + 1) % len(order)] for i, u in enumerate(order)})
     return partners
 
@@ -261,22 +241,6 @@ def one_language_neurons(kn_by_lang: Mapping[str, Sequence[Neuron]], lang: str) 
             if n not in others]
 
 
-def random_neurons_like(neurons: Sequence[Neuron], exclude: Iterable[Neuron], d_ff: int,
-                        rng: np.random.Generator) -> list[Neuron]:
-    """Per neuron of ``neurons`` a uniformly drawn distinct neuron of the same layer outside
-    ``exclude``."""
-    taken = {(int(a), int(b)) for a, b in exclude}
-    out = []
-    for layer, _ in neurons:
-        free = [i for i in range(d_ff) if (int(layer), i) not in taken]
-        if not free:
-            raise ValueError(f"no free neuron left in layer {layer}")
-        pick = (int(layer), int(free[rng.integers(len(free))]))
-        taken.add(pick)
-        out.append(pick)
-    return out
-
-
 def edit_neuron_sets(kn_by_lang: Mapping[str, Sequence[Neuron]], d_ff: int, seed: int,
                      uuid: str) -> dict[str, list[Neuron]] | None:
     """The four equal-size sets of one fact (``likn``, ``only_<lang>`` per language,
@@ -294,7 +258,7 @@ def edit_neuron_sets(kn_by_lang: Mapping[str, Sequence[Neuron]], d_ff: int, seed
             return None
         sets[f"only_{lang}"] = only[:k]
     every_kn = [n for s in kn_by_lang.values() for n in s]
-    sets["random"] = random_neurons_like(likn, every_kn, d_ff, _rng("likn-random", seed, uuid))
+    sets["random"] = random_neurons_like(likn, every_kn, d_ff, seeded_rng("likn-random", seed, uuid))
     return sets
 
 
@@ -304,7 +268,7 @@ def other_fact_likn(uuid: str, k: int, likn_of: Mapping[str, Sequence[Neuron]], 
     (seed, uuid), whose LIKN has at least ``k`` neurons; None when there is none. The control
     that tells "this fact's shared neurons" from "neurons shared by many facts"."""
     candidates = sorted((v for v, s in likn_of.items() if v != uuid and len(s) >= k),
-                        key=lambda v: _rank("likn-other", seed, uuid, v))
+                        key=lambda v: seeded_rank("likn-other", seed, uuid, v))
     if not candidates:
         return None
     return [(int(a), int(b)) for a, b in likn_of[candidates[0]][:k]]
@@ -312,7 +276,7 @@ def other_fact_likn(uuid: str, k: int, likn_of: Mapping[str, Sequence[Neuron]], 
 
 def sample_edit_facts(uuids: Iterable[str], n: int, seed: int) -> list[str]:
     """``n`` of ``uuids`` (all when fewer), ranked by sha256("likn-edit", seed, uuid)."""
-    return sorted(set(uuids), key=lambda u: _rank("likn-edit", seed, u))[:n]
+    return sorted(set(uuids), key=lambda u: seeded_rank("likn-edit", seed, u))[:n]
 
 
 def locality_facts(edited: str, candidates: Mapping[str, str], n: int, seed: int) -> list[str]:
@@ -320,7 +284,7 @@ def locality_facts(edited: str, candidates: Mapping[str, str], n: int, seed: int
     ranked by sha256("likn-locality", seed, edited, uuid)."""
     relation = candidates[edited]
     other = [u for u, r in candidates.items() if r != relation]
-    return sorted(other, key=lambda u: _rank("likn-locality", seed, edited, u))[:n]
+    return sorted(other, key=lambda u: seeded_rank("likn-locality", seed, edited, u))[:n]
 
 
 def edit_summary(results: pd.DataFrame) -> pd.DataFrame:
@@ -365,36 +329,10 @@ def score_queries(lm: LanguageModel, queries: Sequence[EncodedQuery],
                   erase: Sequence[Neuron] = ()) -> tuple[np.ndarray, np.ndarray]:
     """P(object) [n] (mean over its tokens) and top-1 [n] (every object token is the argmax)
     of ``queries`` in one padded forward, with the activations of ``erase`` set to 0 at each
-    query's object position(s)."""
-    if not queries:
-        return np.zeros(0), np.zeros(0, dtype=bool)
-    by_layer: dict[int, list[int]] = {}
-    for layer, neuron in dict.fromkeys((int(a), int(b)) for a, b in erase):
-        by_layer.setdefault(layer, []).append(neuron)
-    edits = [FFNEdit(layer, neurons, positions=q.target_positions, op="zero", rows=[r])
-             for r, q in enumerate(queries) for layer, neurons in by_layer.items()]
-    ids, mask = pad_queries(lm, queries)  # [n, S] each
-    with torch.inference_mode(), edit_ffn(lm, edits):
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits  # [n, S, vocab]
-    probs, top1 = np.zeros(len(queries)), np.zeros(len(queries), dtype=bool)
-    for r, q in enumerate(queries):
-        pos = torch.as_tensor(q.target_positions, device=logits.device)
-        tgt = torch.as_tensor(q.target_ids, device=logits.device)
-        row = logits[r, pos].float()  # [n_targets, vocab]
-        p = torch.softmax(row, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # [n_targets]
-        probs[r] = float(p.mean())
-        top1[r] = bool((row.argmax(-1) == tgt).all())
-    return probs, top1
-
-
-def value_slot(lm: LanguageModel, layer: int, neuron: int) -> torch.Tensor:
-    """The view [hidden] of the FFN output-projection weight that ``neuron`` of ``layer``
-    writes: ``weight[:, neuron]`` of an nn.Linear ([out, in]), ``weight[neuron, :]`` of a
-    transformers Conv1D ([in, out])."""
-    proj = lm.ffn_site(layer)
-    if isinstance(proj, nn.Linear):
-        return proj.weight[:, neuron]
-    return proj.weight[neuron, :]
+    query's object position(s) (:func:`kneurons.scoring.score`, head at every position)."""
+    result = scoring.score(lm, queries, [scoring.erase(erase)] * len(queries), batch_size=None,
+                           head="full")
+    return result.prob, result.top1
 
 
 @contextlib.contextmanager
@@ -406,7 +344,7 @@ def edit_value_slots(lm: LanguageModel, neurons: Sequence[Neuron], delta: torch.
     try:
         with torch.no_grad():
             for layer, neuron in dict.fromkeys((int(a), int(b)) for a, b in neurons):
-                slot = value_slot(lm, layer, neuron)  # [hidden], a view of the weight
+                slot = lm.value_slot(layer, neuron)  # [hidden], a view of the weight
                 if slot.shape != delta.shape:
                     raise ValueError(f"value slot of ({layer}, {neuron}) has shape "
                                      f"{tuple(slot.shape)}, the edit {tuple(delta.shape)}")

@@ -16,11 +16,11 @@ run's method is known without attributing again.
 (score above ``kn_threshold`` x the record's maximum, at most ``max_kn``, best first):
 
 * ``kn``: the KN by m. The run's method: read from its shard record
-  (:func:`kneurons.dkn.knowledge_neurons_of`); the other method: the sample only is
+  (:func:`kneurons.neurons.knowledge_neurons_of`); the other method: the sample only is
   attributed again with the run's steps and quadrature
-  (:func:`kneurons.attribution.knowledge_neurons`).
+  (:func:`kneurons.neurons.knowledge_neurons`).
 * ``random``: per KN neuron a uniformly drawn distinct neuron of the same layer that is in
-  neither method's KN (:func:`kneurons.likn.random_neurons_like`, seeded per fact and method).
+  neither method's KN (:func:`kneurons.neurons.random_neurons_like`, seeded per fact and method).
 * ``activation``: the |KN| neurons with the highest activation (mean over the object
   positions, the unpatched model), in any layer: a method-free baseline.
 
@@ -64,12 +64,12 @@ import torch
 from tqdm import tqdm
 
 from . import scoring
-from .attribution import METHODS, attribute, knowledge_neurons, probability_gap
+from .attribution import METHODS, attribute, probability_gap
 from .checkpoint import open_checkpoint
-from .dkn import Neuron, knowledge_neurons_of
 from .hooks import capture_ffn
-from .likn import _rank, _rng, random_neurons_like
 from .models import LanguageModel
+from .neurons import (Neuron, knowledge_neurons, knowledge_neurons_of, random_neurons_like,
+                      seeded_rank, seeded_rng)
 from .queries import EncodedQuery, encode_query, pad_queries
 from .records import score_matrix
 from .shards import attributable
@@ -113,7 +113,7 @@ def sample_facts(facts: pd.DataFrame, records: pd.DataFrame, n: int, seed: int,
     preferred = [u for u in uuids if u in with_scores]
     if len(preferred) >= n:
         uuids = preferred
-    return sorted(uuids, key=lambda u: _rank("localization-sample", seed, u))[:n]
+    return sorted(uuids, key=lambda u: seeded_rank("localization-sample", seed, u))[:n]
 
 
 def target_facts(uuid: str, relation_of: dict[str, str], n_related: int, n_unrelated: int,
@@ -123,8 +123,8 @@ def target_facts(uuid: str, relation_of: dict[str, str], n_related: int, n_unrel
     relation = relation_of[uuid]
     same = [v for v, r in relation_of.items() if r == relation and v != uuid]
     other = [v for v, r in relation_of.items() if r != relation]
-    related = sorted(same, key=lambda v: _rank("localization-related", seed, uuid, v))
-    unrelated = sorted(other, key=lambda v: _rank("localization-unrelated", seed, uuid, v))
+    related = sorted(same, key=lambda v: seeded_rank("localization-related", seed, uuid, v))
+    unrelated = sorted(other, key=lambda v: seeded_rank("localization-unrelated", seed, uuid, v))
     return related[:n_related], unrelated[:n_unrelated]
 
 
@@ -141,7 +141,7 @@ def control_sets(kn: dict[str, Sequence[Neuron]], activation: np.ndarray, d_ff: 
         neurons = [(int(a), int(b)) for a, b in neurons]
         sets[(method, "kn")] = neurons
         sets[(method, "random")] = random_neurons_like(
-            neurons, every_kn, d_ff, _rng("localization-random", seed, uuid, method))
+            neurons, every_kn, d_ff, seeded_rng("localization-random", seed, uuid, method))
         top = order[:len(neurons)]
         sets[(method, "activation")] = [(int(i // d_ff), int(i % d_ff)) for i in top]
     return sets

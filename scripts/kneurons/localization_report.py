@@ -2,7 +2,7 @@
 
 Inputs are :func:`kneurons.localization.localize` tables keyed ``"<model>/<lang>"``; the
 statistics are those of :mod:`kneurons.localization`. Figures use the helpers of
-:mod:`kneurons.reports` (PNG and SVG, atomic, reproducible SVG, "no data" panels).
+:mod:`kneurons.figures` (PNG and SVG, atomic, reproducible SVG, "no data" panels).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path
+from .io import write_csv, write_text
 from .localization import (NEURON_SETS, OPERATIONS, TARGETS, completeness_table, layer_counts,
                            localization_statistics, paired_comparison)
-from .reports import _RC, _figure, _layer_bars, _no_data, _pyplot, _save
+from .figures import figure, layer_bars
 
 FIGURES = ("localization_change", "localization_layers")
 SET_LABELS = {"kn": "KN", "random": "random (same layers)", "activation": "top activation"}
@@ -95,77 +95,56 @@ def plot_localization_change(runs: Mapping[str, pd.DataFrame], out_png, out_svg)
     """Box plots with every point (strip) of the relative change of P(true): one column per
     (model, language), one row per intervention; per method and neuron set one box per target
     group. Fliers are drawn, nothing is dropped."""
-    plt = _pyplot()
     title = "Erase / enhance: relative change of P(true object)"
     keys = sorted(runs)
     groups = [(m, s) for m in ("amig", "ig") for s in NEURON_SETS]
     colors = {"fact": "C0", "related": "C1", "unrelated": "C2"}
-    with plt.rc_context(_RC):
-        ncols = max(len(keys), 1)
-        fig, grid = plt.subplots(len(OPERATIONS), ncols, figsize=(6.5 * ncols, 7.5),
-                                 squeeze=False, layout="constrained")
-        try:
-            if not keys:
-                _no_data(grid[0][0], title)
-                grid[1][0].axis("off")
-            rng = np.random.default_rng(0)
-            for col, key in enumerate(keys):
-                table = runs[key]
-                for row, op in enumerate(OPERATIONS):
-                    ax = grid[row][col]
-                    sub = table[table["operation"] == op]
-                    for g, (method, name) in enumerate(groups):
-                        for t, target in enumerate(TARGETS):
-                            v = sub.loc[(sub["method"] == method) & (sub["neuron_set"] == name)
-                                        & (sub["target"] == target), "rel_change"].dropna()
-                            if v.empty:
-                                continue
-                            x = g + (t - 1) * 0.27
-                            ax.boxplot([v.to_numpy()], positions=[x], widths=0.22,
-                                       showfliers=True, patch_artist=True,
-                                       boxprops=dict(facecolor=colors[target], alpha=0.35),
-                                       medianprops=dict(color="black"))
-                            ax.scatter(x + rng.uniform(-0.07, 0.07, len(v)), v, s=6,
-                                       color=colors[target], alpha=0.7, zorder=3)
-                    ax.axhline(0, color="grey", linewidth=0.8)
-                    if op == "erase":
-                        ax.axhline(-0.5, color="grey", linewidth=0.8, linestyle=":")
-                    ax.set_xticks(range(len(groups)))
-                    ax.set_xticklabels([f"{m}\n{SHORT_LABELS[s]}" for m, s in groups],
-                                       fontsize="small")
-                    ax.set_ylabel("(after - before) / before")
-                    ax.set_title(f"{key}: {op}")
-                    for target in TARGETS:
-                        ax.scatter([], [], color=colors[target], label=target)
-                    ax.legend(fontsize="small", title="target")
-            if keys:
-                fig.suptitle(title)
-            _save(fig, out_png, out_svg)
-        finally:
-            plt.close(fig)
+    ncols = max(len(keys), 1)
+    with figure(out_png, out_svg, ncols, 6.5, 7.5, nrows=len(OPERATIONS),
+                title=title, empty=not keys) as (fig, grid):
+        rng = np.random.default_rng(0)
+        for col, key in enumerate(keys):
+            table = runs[key]
+            for row, op in enumerate(OPERATIONS):
+                ax = grid[row][col]
+                sub = table[table["operation"] == op]
+                for g, (method, name) in enumerate(groups):
+                    for t, target in enumerate(TARGETS):
+                        v = sub.loc[(sub["method"] == method) & (sub["neuron_set"] == name)
+                                    & (sub["target"] == target), "rel_change"].dropna()
+                        if v.empty:
+                            continue
+                        x = g + (t - 1) * 0.27
+                        ax.boxplot([v.to_numpy()], positions=[x], widths=0.22,
+                                   showfliers=True, patch_artist=True,
+                                   boxprops=dict(facecolor=colors[target], alpha=0.35),
+                                   medianprops=dict(color="black"))
+                        ax.scatter(x + rng.uniform(-0.07, 0.07, len(v)), v, s=6,
+                                   color=colors[target], alpha=0.7, zorder=3)
+                ax.axhline(0, color="grey", linewidth=0.8)
+                if op == "erase":
+                    ax.axhline(-0.5, color="grey", linewidth=0.8, linestyle=":")
+                ax.set_xticks(range(len(groups)))
+                ax.set_xticklabels([f"{m}\n{SHORT_LABELS[s]}" for m, s in groups],
+                                   fontsize="small")
+                ax.set_ylabel("(after - before) / before")
+                ax.set_title(f"{key}: {op}")
+                for target in TARGETS:
+                    ax.scatter([], [], color=colors[target], label=target)
+                ax.legend(fontsize="small", title="target")
 
 
 def plot_localization_layers(runs: Mapping[str, pd.DataFrame], out_png, out_svg) -> None:
     """Knowledge neurons per layer of the sampled facts, AMIG and IG side by side, one panel
     per (model, language)."""
-    plt = _pyplot()
     title = "Knowledge neurons per layer: AMIG vs IG (localization sample)"
     keys = sorted(runs)
-    with plt.rc_context(_RC):
-        fig, axes = _figure(plt, len(keys), 5.0, 3.6)
-        try:
-            if not keys:
-                _no_data(axes[0], title)
-            for ax, key in zip(axes, keys):
-                counts = layer_counts(runs[key])
-                bars = {method: counts[counts["method"] == method].set_index("layer")["count"]
-                        for method in ("amig", "ig")}
-                _layer_bars(ax, bars, "knowledge neurons", key, title="method")
-            if keys:
-                fig.suptitle(title)
-            _save(fig, out_png, out_svg)
-        finally:
-            plt.close(fig)
+    with figure(out_png, out_svg, len(keys), 5.0, 3.6, title=title, empty=not keys) as (fig, axes):
+        for ax, key in zip(axes, keys):
+            counts = layer_counts(runs[key])
+            bars = {method: counts[counts["method"] == method].set_index("layer")["count"]
+                    for method in ("amig", "ig")}
+            layer_bars(ax, bars, "knowledge neurons", key, title="method")
 
 
 def localization_report(runs: Mapping[str, pd.DataFrame], out_csv, out_paired_csv,
@@ -178,10 +157,8 @@ def localization_report(runs: Mapping[str, pd.DataFrame], out_csv, out_paired_cs
     complete = _stack(runs, completeness_table)
     for table, path in ((stats, out_csv), (paired, out_paired_csv),
                         (complete, out_completeness_csv)):
-        with atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False)
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(localization_markdown(stats, paired, complete), encoding="utf-8")
+        write_csv(table, path)
+    write_text(localization_markdown(stats, paired, complete), out_md)
     plot_localization_change(runs, *figures["localization_change"])
     plot_localization_layers(runs, *figures["localization_layers"])
     return stats, paired, complete

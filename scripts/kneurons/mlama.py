@@ -51,6 +51,8 @@ from typing import Callable
 
 import pandas as pd
 
+from .io import file_sha256
+
 log = logging.getLogger(__name__)
 
 FACT_COLUMNS = ["uuid", "lineid", "relation", "sub_uri", "obj_uri", "sub_label", "obj_label",
@@ -305,11 +307,7 @@ def verify_sha256(path: str | Path, expected_hex: str) -> None:
     expected = expected_hex.strip().lower()
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
         raise ValueError(f"expected SHA-256 for {path} is not 64 hex digits: {expected_hex!r}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if actual != expected:
         raise ValueError(f"SHA-256 mismatch for {path}: expected {expected}, got {actual}")
 
@@ -517,3 +515,23 @@ def cap_facts_per_relation(facts: pd.DataFrame, max_per_relation: int | None,
     key = facts["uuid"].map(lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())
     rank = key.groupby(facts["relation"]).rank(method="first")
     return facts[rank <= max_per_relation].reset_index(drop=True)
+
+
+def prepare_mlama(source: str | Path, lang: str, relations: list[str] | str | None = None, *,
+                  max_facts_per_relation: int | None = None, cap_seed: int | None = None,
+                  to_simplified: bool = False, strict: bool = False
+                  ) -> tuple[pd.DataFrame, dict]:
+    """One language of mLAMA as the workflow's facts table and its report: read
+    (:func:`read_mlama`; ``relations`` ``"all"`` or None: every relation), capped per relation
+    when ``max_facts_per_relation`` is set (:func:`cap_facts_per_relation` with ``cap_seed``,
+    recorded in the report), then the dropped relations checked
+    (:func:`check_dropped_relations`, raising when ``strict``)."""
+    relations = None if relations in (None, "all") else list(relations)
+    table, report = read_mlama(source, lang, relations, to_simplified=to_simplified)
+    if max_facts_per_relation is not None:
+        table = cap_facts_per_relation(table, max_facts_per_relation, cap_seed)
+        report["max_facts_per_relation"] = max_facts_per_relation
+        report["facts_kept"] = len(table)
+    log.info("%s: kept %d facts in %d relations", lang, len(table), table["relation"].nunique())
+    check_dropped_relations(report, strict=strict)
+    return table, report

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +46,10 @@ class ArchSpec:
     keys and values [n, heads, S, head_dim], and ``cache_arg`` names the block argument that
     takes a KV cache: with both, the attribution runs the patched and the last block on the
     object position alone (causal LMs get their keys/values from the model's own cache).
+
+    ``value_rows``: the output projection's weight holds a neuron's *value slot* (what neuron
+    i writes into the residual stream, [hidden]) in row i: transformers' ``Conv1D`` (GPT-2)
+    with weight [d_ff, hidden]. Otherwise (``nn.Linear``, weight [hidden, d_ff]) in column i.
     """
 
     model_type: str
@@ -56,6 +60,16 @@ class ArchSpec:
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     kv: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     cache_arg: str | None = None
+    value_rows: bool = False
+
+    def value_slot(self, proj: nn.Module, neuron: int) -> torch.Tensor:
+        """The view [hidden] of the output projection ``proj``'s weight that ``neuron``
+        writes."""
+        return proj.weight[neuron, :] if self.value_rows else proj.weight[:, neuron]
+
+    def n_neurons(self, proj: nn.Module) -> int:
+        """d_ff, the number of neurons (value slots) of the output projection ``proj``."""
+        return int(proj.weight.shape[0 if self.value_rows else 1])
 
 
 def _bert_kv(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +131,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ffn_in=lambda b: b.mlp.c_fc,
         head=lambda m, h: m.lm_head(m.transformer.ln_f(h)),
         kinds=frozenset({"causal"}),
+        value_rows=True,  # Conv1D: weight [d_ff, hidden]
     ),
     "gpt_neox": ArchSpec(
         model_type="gpt_neox",
@@ -174,6 +189,11 @@ class LanguageModel:
     def ffn_site(self, layer: int) -> nn.Module:
         return self.spec.ffn_site(self.blocks()[layer])
 
+    def value_slot(self, layer: int, neuron: int) -> torch.Tensor:
+        """The view [hidden] of the FFN output-projection weight that ``neuron`` of ``layer``
+        writes (the layout is the architecture's: :attr:`ArchSpec.value_rows`)."""
+        return self.spec.value_slot(self.ffn_site(layer), neuron)
+
     @property
     def replacement_id(self) -> int:
         """Token that replaces one query token for an AMIG baseline: mask (masked LMs),
@@ -184,13 +204,6 @@ class LanguageModel:
             what = "mask" if self.arch == "masked" else "eos"
             raise ValueError(f"the tokenizer has no {what} token, needed for AMIG baselines")
         return int(tid)
-
-
-def _d_ff(proj: nn.Module) -> int:
-    if isinstance(proj, nn.Linear):
-        return proj.in_features
-    # transformers' Conv1D (GPT-2): weight is [in_features, out_features]
-    return int(proj.weight.shape[0])
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, arch: str,
@@ -209,7 +222,7 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, arch:
     model = model.to(dev).eval()
     blocks = spec.blocks(model)
     return LanguageModel(model=model, tokenizer=tokenizer, arch=arch, spec=spec, device=dev,
-                         n_layers=len(blocks), d_ff=_d_ff(spec.ffn_site(blocks[0])))
+                         n_layers=len(blocks), d_ff=spec.n_neurons(spec.ffn_site(blocks[0])))
 
 
 def _offline() -> bool:
@@ -254,3 +267,12 @@ def load_model(source: str, arch: str, *, revision: str | None = None,
         model = auto.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     return wrap_model(model, tokenizer, arch, device=device)
+
+
+def load_job_model(model: Mapping[str, Any]) -> LanguageModel:
+    """Load a rule's ``params.model`` (``source``, ``arch``, ``revision``,
+    ``trust_remote_code``) on the device this job leases (:func:`kneurons.devices.pick_device`)."""
+    from .devices import pick_device
+
+    return load_model(model["source"], model["arch"], revision=model["revision"],
+                      trust_remote_code=model["trust_remote_code"], device=pick_device())

@@ -67,14 +67,6 @@ CANDIDATES = ("true", "wrong")
 SCORE_DTYPE = np.dtype("<f4")
 """The stored dtype of the ``scores`` column (little-endian float32)."""
 
-def top_neurons(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``k`` best neurons of a [n_layers, d_ff] score matrix, best first (ties by index)."""
-    flat = scores.reshape(-1)
-    k = min(k, flat.size)
-    order = np.lexsort((np.arange(flat.size), -flat))[:k]
-    layers, neurons = np.divmod(order, scores.shape[1])
-    return layers.astype(np.int16), neurons.astype(np.int32), flat[order].astype(np.float32)
-
 def write_shard(records: pd.DataFrame, path: str | Path, metadata: dict) -> None:
     """Write a shard with its metadata (n_layers, d_ff, method, steps) atomically."""
     table = pa.Table.from_pandas(records, preserve_index=False)

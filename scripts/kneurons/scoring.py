@@ -17,13 +17,17 @@ value) and score the object": the measure behind knowledge-neuron suppression (D
   row's score does not depend on its companions up to float noise; ``batch_size`` caps the
   rows per forward (the model computes full logits [rows, seq, vocab]).
 
-The edits are made with :func:`kneurons.hooks.edit_ffn` (scoped hooks, removed in
-``finally``); the model's weights are never touched.
+The interventions are activation patches, :class:`kneurons.hooks.FFNPatch` through
+:func:`kneurons.hooks.patch_ffn` (scoped hooks, removed in ``finally``); the model's weights
+are never touched. P(object token) is computed in one place, :func:`object_token_probs`.
 
-:func:`score` is the general call (one intervention per row); :func:`erased_token_probs` is
-``hooks.suppress_batch`` (one query, many erased sets, per-token probabilities) and
-:func:`score` with ``erase`` sets is ``likn.score_queries``, so those can become thin calls of
-this module.
+:func:`score` is the general call (one intervention per row), used by the localization
+evaluation and (``head="full"``) by the LIKN erasing experiment; :func:`erased_token_probs`
+(one query, many erased sets, per-token probabilities) is DKN detection's suppression;
+:func:`replaced_token_probs` (whole activation vectors set to baseline values) is the
+attribution's convergence check. They keep the exact operations of the paths they replaced
+(``likn.score_queries``, ``hooks.suppress_batch``, the loop of ``probability_gap``), so results
+are bitwise the same (tests/test_scoring.py).
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .hooks import FFNEdit, edit_ffn
+from .hooks import FFNPatch, ffn_hooks, patch_ffn
 from .models import LanguageModel
+from .neurons import Neuron
 from .queries import EncodedQuery, pad_queries
 
-Neuron = tuple[int, int]  # (layer, index in the layer's FFN)
 OPS = ("zero", "scale", "set")
 
 
@@ -85,12 +89,20 @@ class Scores:
     token_probs: list[np.ndarray] = field(default_factory=list)
 
 
-def _row_edits(row: int, query: EncodedQuery, intervention: Intervention) -> list[FFNEdit]:
+def object_token_probs(logits: torch.Tensor, target_ids: Sequence[int]) -> torch.Tensor:
+    """P(object token t) from the logits at the object positions: [..., T, vocab] -> [..., T]
+    (float32 softmax over the vocabulary)."""
+    tgt = torch.as_tensor(target_ids, device=logits.device)  # [T]
+    probs = torch.softmax(logits.float(), dim=-1)  # [..., T, vocab]
+    return probs.gather(-1, tgt.expand(*probs.shape[:-1])[..., None]).squeeze(-1)
+
+
+def _row_patches(row: int, query: EncodedQuery, intervention: Intervention) -> list[FFNPatch]:
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in intervention.neurons:
         by_layer.setdefault(layer, []).append(neuron)
-    return [FFNEdit(layer, neurons, positions=query.target_positions, op=intervention.op,
-                    value=intervention.value, rows=[row])
+    return [FFNPatch(layer, neurons, positions=query.target_positions, op=intervention.op,
+                     value=intervention.value, rows=[row])
             for layer, neurons in sorted(by_layer.items())]
 
 
@@ -124,8 +136,11 @@ def _head_at(lm: LanguageModel, at: torch.Tensor) -> Iterator[list[bool]]:
 
 def score(lm: LanguageModel, queries: Sequence[EncodedQuery],
           interventions: Sequence[Intervention] | None = None, *,
-          batch_size: int | None = 64) -> Scores:
-    """Score row i = ``queries[i]`` under ``interventions[i]`` (default: none)."""
+          batch_size: int | None = 64, head: Literal["objects", "full"] = "objects") -> Scores:
+    """Score row i = ``queries[i]`` under ``interventions[i]`` (default: none).
+
+    ``head="objects"`` runs the LM head at the object positions only (:func:`_head_at`);
+    ``"full"`` at every position (the LIKN experiment's numbers were made so)."""
     n = len(queries)
     if interventions is None:
         interventions = [NONE] * n
@@ -136,21 +151,22 @@ def score(lm: LanguageModel, queries: Sequence[EncodedQuery],
     bs = max(n, 1) if batch_size is None else max(1, int(batch_size))
     for start in range(0, n, bs):
         chunk = list(queries[start:start + bs])
-        edits = [e for r, (q, iv) in enumerate(zip(chunk, interventions[start:start + bs]))
-                 for e in _row_edits(r, q, iv)]
+        patches = [e for r, (q, iv) in enumerate(zip(chunk, interventions[start:start + bs]))
+                   for e in _row_patches(r, q, iv)]
         ids, mask = pad_queries(lm, chunk)  # [rows, S] each
         width = max(len(q.target_positions) for q in chunk)
         at = torch.zeros((len(chunk), width), dtype=torch.long, device=lm.device)  # [rows, T]
         for r, q in enumerate(chunk):
             at[r, : len(q.target_positions)] = torch.as_tensor(q.target_positions)
-        with torch.inference_mode(), edit_ffn(lm, edits), _head_at(lm, at) as sliced:
+        heads = _head_at(lm, at) if head == "objects" else contextlib.nullcontext([False])
+        with torch.inference_mode(), patch_ffn(lm, patches), heads as sliced:
             logits = lm.model(input_ids=ids, attention_mask=mask).logits  # [rows, S or T, V]
         for r, q in enumerate(chunk):
             pos = (torch.arange(len(q.target_positions), device=logits.device) if sliced[0]
                    else torch.as_tensor(q.target_positions, device=logits.device))
             tgt = torch.as_tensor(q.target_ids, device=logits.device)
             row = logits[r, pos].float()  # [n_targets, vocab]
-            p = torch.softmax(row, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # [n_targets]
+            p = object_token_probs(row, q.target_ids)  # [n_targets]
             token_probs.append(p.cpu().numpy().astype(np.float64))
             prob[start + r] = float(p.mean())
             top1[start + r] = bool((row.argmax(-1) == tgt).all())
@@ -161,9 +177,41 @@ def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
                        neuron_sets: Sequence[Iterable[Neuron]], *,
                        batch_size: int | None = 64) -> np.ndarray:
     """P(object token t) [len(neuron_sets), n_object_tokens] of one query with each set
-    erased (an empty set: unpatched); the measure of ``hooks.suppress_batch``."""
-    result = score(lm, [query] * len(neuron_sets), [erase(s) for s in neuron_sets],
-                   batch_size=batch_size)
-    if not neuron_sets:
-        return np.zeros((0, len(query.target_ids)), dtype=np.float32)
-    return np.stack(result.token_probs).astype(np.float32)
+    erased at the object positions, one batch row per set (an empty set: unpatched). The
+    query is not padded and the head runs at every position; ``batch_size`` caps the rows per
+    forward (``None``: all sets in one)."""
+    sets = [erase(s) for s in neuron_sets]
+    n = len(sets)
+    out = np.zeros((n, len(query.target_ids)), dtype=np.float32)
+    if n == 0:
+        return out
+    bs = n if batch_size is None else max(1, int(batch_size))
+    ids = torch.as_tensor(query.input_ids, device=lm.device)[None, :]  # [1, seq]
+    pos = torch.as_tensor(query.target_positions, device=lm.device)  # [T]
+    for start in range(0, n, bs):
+        chunk = sets[start:start + bs]
+        patches = [e for r, iv in enumerate(chunk) for e in _row_patches(r, query, iv)]
+        with torch.inference_mode(), patch_ffn(lm, patches):
+            logits = lm.model(input_ids=ids.expand(len(chunk), -1)).logits  # [rows, seq, vocab]
+        out[start:start + len(chunk)] = object_token_probs(logits[:, pos, :],
+                                                           query.target_ids).cpu().numpy()
+    return out
+
+
+def replaced_token_probs(lm: LanguageModel, query: EncodedQuery, layer: int, position,
+                         values: torch.Tensor, *, site: str = "post") -> torch.Tensor:
+    """P(object token t) [B, n_object_tokens] of one query with the whole activation vector
+    of ``layer`` at ``position`` replaced by ``values[i]`` ([B, d_ff]) in batch row i: the
+    baselines of the convergence check (:func:`kneurons.attribution.probability_gap`). The
+    query is not padded and the head runs at every position."""
+    ids = torch.as_tensor([query.input_ids], device=lm.device)  # [1, S]
+    pos = torch.as_tensor(query.target_positions, device=lm.device)  # [T]
+
+    def put(act: torch.Tensor) -> torch.Tensor:  # act: [B, S, d_ff]
+        act = act.clone()
+        act[:, position] = values.to(act.dtype)
+        return act
+
+    with torch.inference_mode(), ffn_hooks(lm, {layer: put}, site):
+        logits = lm.model(input_ids=ids.expand(values.shape[0], -1)).logits  # [B, S, vocab]
+    return object_token_probs(logits[:, pos], query.target_ids)

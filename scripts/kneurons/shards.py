@@ -15,13 +15,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .attribution import attribute
-from .attribution import probability_gap
+from .attribution import attribute, probability_gap
 from .checkpoint import Checkpoint, open_checkpoint
-from .records import COMPLETENESS_TOLERANCE, completeness_error
 from .models import LanguageModel
+from .neurons import top_neurons
 from .queries import encode_query
-from .records import SCORE_DTYPE, top_neurons, write_shard
+from .records import COMPLETENESS_TOLERANCE, SCORE_DTYPE, completeness_error, write_shard
 
 log = logging.getLogger(__name__)
 

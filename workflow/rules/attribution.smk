@@ -20,11 +20,13 @@ rule attribute_shard:
         runtime=240,
     params:
         model=model_params,
-        shards=config["attribution"]["shards"],
-        method=config["attribution"]["method"],
-        steps=config["attribution"]["steps"],
-        quadrature=config["attribution"]["quadrature"],
-        keep_top=config["attribution"]["keep_top"],
-        version=VERSIONS["attribution"],
+        science={
+            "shards": config["attribution"]["shards"],
+            "method": config["attribution"]["method"],
+            "steps": config["attribution"]["steps"],
+            "quadrature": config["attribution"]["quadrature"],
+            "keep_top": config["attribution"]["keep_top"],
+            "version": VERSIONS["attribution"],
+        },
     script:
         "../../scripts/attribute_shard.py"

@@ -10,8 +10,10 @@ rule download_mlama:
     conda:
         "../../envs/data.yaml"
     params:
-        url=config["mlama"]["source"],
-        sha256=config["mlama"]["sha256"],
+        science={
+            "url": config["mlama"]["source"],
+            "sha256": config["mlama"]["sha256"],
+        },
     script:
         "../../scripts/download_mlama.py"
 
@@ -28,13 +30,17 @@ rule prepare_mlama:
     conda:
         "../../envs/data.yaml"
     params:
-        source=mlama_source_path(),
-        relations=config["mlama"]["relations"],
-        max_facts_per_relation=config["mlama"]["max_facts_per_relation"],
-        cap_seed=config["seed"] if config["mlama"]["max_facts_per_relation"] else None,
-        to_simplified=config["mlama"]["to_simplified"],
-        strict=config["mlama"]["strict"],
-        version=VERSIONS["data"],
+        science={
+            "source": mlama_source_path(),
+            "relations": config["mlama"]["relations"],
+            "max_facts_per_relation": config["mlama"]["max_facts_per_relation"],
+            "cap_seed": (
+                config["seed"] if config["mlama"]["max_facts_per_relation"] else None
+            ),
+            "to_simplified": config["mlama"]["to_simplified"],
+            "strict": config["mlama"]["strict"],
+            "version": VERSIONS["data"],
+        },
     script:
         "../../scripts/prepare_mlama.py"
 
@@ -51,9 +57,11 @@ rule corrupt_facts:
     conda:
         "../../envs/data.yaml"
     params:
-        languages=LANGUAGES,
-        seed=config["seed"],
-        version=VERSIONS["data"],
+        science={
+            "languages": LANGUAGES,
+            "seed": config["seed"],
+            "version": VERSIONS["data"],
+        },
     script:
         "../../scripts/corrupt_facts.py"
 
@@ -74,10 +82,12 @@ rule split_facts:
     conda:
         "../../envs/data.yaml"
     params:
-        languages=LANGUAGES,
-        discovery_fraction=config["split"]["discovery_fraction"],
-        calibration_fraction=config["split"]["calibration_fraction"],
-        seed=config["seed"],
-        version=VERSIONS["data"],
+        science={
+            "languages": LANGUAGES,
+            "discovery_fraction": config["split"]["discovery_fraction"],
+            "calibration_fraction": config["split"]["calibration_fraction"],
+            "seed": config["seed"],
+            "version": VERSIONS["data"],
+        },
     script:
         "../../scripts/split_facts.py"

@@ -25,7 +25,9 @@ rule fact_check:
     conda:
         "../../envs/report.yaml"
     params:
-        thresholds=config["factcheck"]["thresholds"],
-        version=VERSIONS["factcheck"],
+        science={
+            "thresholds": config["factcheck"]["thresholds"],
+            "version": VERSIONS["factcheck"],
+        },
     script:
         "../../scripts/fact_check.py"

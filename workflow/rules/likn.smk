@@ -15,11 +15,13 @@ rule find_likn:
     conda:
         "../../envs/torch.yaml"
     params:
-        languages=likn_languages,
-        kn_threshold=kn_thresholds_of_model,
-        max_kn=config["neurons"]["max_kn"],
-        seed=config["seed"],
-        version=VERSIONS["likn"],
+        science=lambda w: {
+            "languages": likn_languages(w),
+            "kn_threshold": kn_thresholds_of_model(w),
+            "max_kn": config["neurons"]["max_kn"],
+            "seed": config["seed"],
+            "version": VERSIONS["likn"],
+        },
     script:
         "../../scripts/find_likn.py"
 
@@ -45,13 +47,15 @@ rule edit_likn:
         runtime=120,
     params:
         model=model_params,
-        languages=likn_languages,
-        edit_sample=config["likn"]["edit_sample"],
-        locality_facts=config["likn"]["locality_facts"],
-        lambda1=config["likn"]["lambda1"],
-        lambda2=config["likn"]["lambda2"],
-        seed=config["seed"],
-        version=VERSIONS["likn"],
+        science=lambda w: {
+            "languages": likn_languages(w),
+            "edit_sample": config["likn"]["edit_sample"],
+            "locality_facts": config["likn"]["locality_facts"],
+            "lambda1": config["likn"]["lambda1"],
+            "lambda2": config["likn"]["lambda2"],
+            "seed": config["seed"],
+            "version": VERSIONS["likn"],
+        },
     script:
         "../../scripts/edit_likn.py"
 
@@ -103,7 +107,9 @@ rule report_likn:
     conda:
         "../../envs/report.yaml"
     params:
-        models=LIKN_MODELS,
-        version=VERSIONS["likn"],
+        science={
+            "models": LIKN_MODELS,
+            "version": VERSIONS["likn"],
+        },
     script:
         "../../scripts/report_likn.py"

@@ -25,8 +25,7 @@ rule localize_neurons:
         mem_mb=8000,
         runtime=120,
     params:
-        # grouped in dicts: Snakemake compares a job's params as a set of values without
-        # their names, so two plain params could swap or collide unseen
+        # grouped in dicts, as in every rule (docs/operations.md, "Reruns")
         model=model_params,
         attribution={
             "method": config["attribution"]["method"],
@@ -47,9 +46,9 @@ rule localize_neurons:
             "related_facts": config["localization"]["related_facts"],
             "unrelated_facts": config["localization"]["unrelated_facts"],
             "enhance_factor": config["localization"]["enhance_factor"],
+            "seed": config["seed"],
+            "version": VERSIONS["localization"],
         },
-        seed=config["seed"],
-        version=VERSIONS["localization"],
     script:
         "../../scripts/localize_neurons.py"
 
@@ -96,7 +95,9 @@ rule report_localization:
     conda:
         "../../envs/report.yaml"
     params:
-        pairs=[f"{model}/{lang}" for model, lang in model_lang_pairs()],
-        version=VERSIONS["localization"],
+        science={
+            "pairs": [f"{model}/{lang}" for model, lang in model_lang_pairs()],
+            "version": VERSIONS["localization"],
+        },
     script:
         "../../scripts/report_localization.py"

@@ -27,11 +27,13 @@ rule train_toy_model:
         mem_mb=2000,
         runtime=30,
     params:
-        arch=lambda wildcards: MODELS[wildcards.model]["arch"],
-        languages=toy_model_languages,
-        toy=config["toy"],
-        seed=config["seed"],
-        version=VERSIONS["toy"],
+        science=lambda w: {
+            "arch": MODELS[w.model]["arch"],
+            "languages": toy_model_languages(w),
+            "toy": config["toy"],
+            "seed": config["seed"],
+            "version": VERSIONS["toy"],
+        },
     script:
         "../../scripts/train_toy_model.py"
 
@@ -53,9 +55,11 @@ rule import_model:
         mem_mb=6000,
         runtime=30,
     params:
-        source=lambda wildcards: gguf_source(wildcards.model),
-        arch=lambda wildcards: MODELS[wildcards.model]["arch"],
-        key=lambda wildcards: f"models.{wildcards.model}.gguf",
-        version=VERSIONS["import"],
+        science=lambda w: {
+            "source": gguf_source(w.model),
+            "arch": MODELS[w.model]["arch"],
+            "key": f"models.{w.model}.gguf",
+            "version": VERSIONS["import"],
+        },
     script:
         "../../scripts/import_model.py"

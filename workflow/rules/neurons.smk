@@ -21,11 +21,13 @@ rule detect_dkn:
         runtime=120,
     params:
         model=model_params,
-        kn_threshold=kn_threshold_of,
-        max_kn=config["neurons"]["max_kn"],
-        single_drop=config["neurons"]["dkn_single_drop"],
-        pair_drop=config["neurons"]["dkn_pair_drop"],
-        version=VERSIONS["dkn"],
+        science=lambda w: {
+            "kn_threshold": kn_threshold_of(w),
+            "max_kn": config["neurons"]["max_kn"],
+            "single_drop": config["neurons"]["dkn_single_drop"],
+            "pair_drop": config["neurons"]["dkn_pair_drop"],
+            "version": VERSIONS["dkn"],
+        },
     script:
         "../../scripts/detect_dkn.py"
 
@@ -47,8 +49,10 @@ rule aggregate_dkn:
     conda:
         "../../envs/torch.yaml"
     params:
-        relation_threshold=config["neurons"]["relation_threshold"],
-        dkn_count=config["neurons"]["dkn_count"],
-        version=VERSIONS["dkn"],
+        science={
+            "relation_threshold": config["neurons"]["relation_threshold"],
+            "dkn_count": config["neurons"]["dkn_count"],
+            "version": VERSIONS["dkn"],
+        },
     script:
         "../../scripts/aggregate_dkn.py"

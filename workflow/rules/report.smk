@@ -49,7 +49,9 @@ rule report_fact_check:
     conda:
         "../../envs/report.yaml"
     params:
-        pairs=model_lang_pairs(),
-        version=VERSIONS["factcheck"],
+        science={
+            "pairs": model_lang_pairs(),
+            "version": VERSIONS["factcheck"],
+        },
     script:
         "../../scripts/report_fact_check.py"

@@ -13,8 +13,10 @@ rule summarize_run:
     conda:
         "../../envs/report.yaml"
     params:
-        name=config["name"],
-        benchmarks="benchmarks/runs",
+        science={
+            "name": config["name"],
+            "benchmarks": "benchmarks/runs",
+        },
     script:
         "../../scripts/summarize_run.py"
 
