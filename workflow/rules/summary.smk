@@ -39,8 +39,10 @@ rule report_completeness:
     conda:
         "../../envs/report.yaml"
     params:
-        runs=[list(run) for run in attribution_runs()],
-        shards=len(SHARDS),
+        science={
+            "runs": [list(run) for run in attribution_runs()],
+            "shards": len(SHARDS),
+        },
         attribution={
             key: config["attribution"][key]
             for key in ("method", "steps", "quadrature")
