@@ -60,8 +60,8 @@ def test_default_workflow_runs_through_sbatch(slurm_cluster, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (workdir / "results" / "reports" / "fact_check.md").exists()
     jobs = (slurm_cluster / "log" / "jobcomp.txt").read_text().splitlines()
-    # train_toy_model 2 + attribute_shard 8 + detect_dkn 4 + edit_likn 2 went through sbatch;
-    # light rules ran locally
-    assert len(jobs) == 16 and all("JobState=COMPLETED" in job for job in jobs)
+    # train_toy_model 2 + attribute_shard 8 + detect_dkn 4 + edit_likn 2 + localize_neurons 4
+    # went through sbatch; light rules ran locally
+    assert len(jobs) == 20 and all("JobState=COMPLETED" in job for job in jobs)
     logs = list((workdir / "logs" / "attribution").rglob("*.log"))
     assert logs and all("assigned by SLURM, CUDA_VISIBLE_DEVICES=" in log.read_text() for log in logs)
