@@ -79,15 +79,18 @@ def test_schema_keys_walk_nested_and_alias_maps(tmp_path):
 
 
 def test_run_summary_names_the_machine_and_nests_report_pages(tmp_path):
-    report = tmp_path / "fact_check.md"
-    report.write_text("# Table 3\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n# Per relation\n\nx\n")
+    report = tmp_path / "table3.md"
+    report.write_text("# Table 3\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n## Per relation\n\nx\n")
+    untitled = tmp_path / "fact_check.md"
+    untitled.write_text("| a |\n|---|\n| 1 |\n")
     info = {"date_utc": "2026-12-02 04:00", "cpu": "Some CPU", "cores": 2, "platform": "Linux",
             "python": "3.11.7", "packages": {"torch": "2.13.0", "numpy": None}}
-    page = run_summary("Results of the test run", info, [report], [tmp_path / "roc.png"],
+    page = run_summary("Results of the test run", info, [report, untitled], [tmp_path / "roc.png"],
                        {"attribute_shard": 12.4})
     assert page.startswith("# Results of the test run\n")
     assert "Some CPU (2 cores)" in page and "torch 2.13.0" in page and "numpy" not in page
-    assert "\n## Table 3\n" in page and "\n## Per relation\n" in page
+    assert "\n## Table 3\n" in page and "\n### Per relation\n" in page
+    assert "\n## Fact check\n\n| a |" in page
     assert "| attribute_shard | 12 |" in page
     assert "![roc](figures/roc.png)" in page
 
@@ -125,3 +128,28 @@ def test_toy_stage_version_follows_the_library():
     common = (REPO / "workflow/rules/common.smk").read_text()
     match = re.search(r'^\s+"toy": (\d+),', common, re.M)
     assert match and int(match.group(1)) == TOY_VERSION
+
+
+def test_publish_renders_the_run_again_from_its_outputs(tmp_path):
+    from kneurons.docs import publish_results
+    from kneurons.io import write_json
+
+    reports = tmp_path / "results" / "reports"
+    (reports / "figures").mkdir(parents=True)
+    (reports / "fact_check.md").write_text("| a |\n|---|\n| 1 |\n")
+    (reports / "likn.md").write_text("# LIKN\n\nx\n")
+    (reports / "figures" / "roc.png").write_bytes(b"\x89PNG")
+    write_json({"name": "demo", "date_utc": "2026-12-02 05:00", "commit": "abc1234",
+                "cpu": "Some CPU", "cores": 2, "platform": "Linux", "python": "3.11.7",
+                "packages": {"torch": "2.13.0"}, "job_seconds": {"attribution": 3.0}},
+               reports / "run.json")
+    docs = tmp_path / "docs"
+    (docs / "demo" / "figures").mkdir(parents=True)
+    (docs / "demo" / "figures" / "stale.png").write_bytes(b"old")
+    page = publish_results(tmp_path / "results", docs).read_text()
+    assert page.startswith("# Results of the demo run\n")
+    assert "commit abc1234" in page and "2026-12-02 05:00" in page  # the run's, not today's
+    assert page.index("## Fact check") < page.index("## LIKN")
+    assert sorted(p.name for p in (docs / "demo" / "figures").iterdir()) == ["roc.png"]
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        publish_results(tmp_path / "nothing", docs)
