@@ -90,7 +90,7 @@ def test_run_summary_names_the_machine_and_nests_report_pages(tmp_path):
     assert page.startswith("# Results of the test run\n")
     assert "Some CPU (2 cores)" in page and "torch 2.13.0" in page and "numpy" not in page
     assert "\n## Table 3\n" in page and "\n### Per relation\n" in page
-    assert "\n## Fact check\n\n| a |" in page
+    assert "\n## Fact checking (the paper's Table 3)\n\n| a |" in page
     assert "| attribute_shard | 12 |" in page
     assert "![roc](figures/roc.png)" in page
 
@@ -149,7 +149,7 @@ def test_publish_renders_the_run_again_from_its_outputs(tmp_path):
     page = publish_results(tmp_path / "results", docs).read_text()
     assert page.startswith("# Results of the demo run\n")
     assert "commit abc1234" in page and "2026-12-02 05:00" in page  # the run's, not today's
-    assert page.index("## Fact check") < page.index("## LIKN")
+    assert page.index("## Fact checking") < page.index("## LIKN")
     assert sorted(p.name for p in (docs / "demo" / "figures").iterdir()) == ["roc.png"]
     with pytest.raises(FileNotFoundError, match="run.json"):
         publish_results(tmp_path / "nothing", docs)

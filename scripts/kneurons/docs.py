@@ -160,7 +160,8 @@ def run_summary(title: str, info: dict, reports: list[Path], figures: list[Path]
     lines = [
         f"# {title}",
         "",
-        "<!-- generated from the run's outputs by the summarize_run rule; do not edit -->",
+        "<!-- generated from the run's outputs (rule summarize_run, make docs-results); "
+        "do not edit -->",
         "",
         f"Run finished {info['date_utc']} UTC"
         + (f" with kneurons at commit {info['commit']}" if info.get("commit") else "")
@@ -177,8 +178,10 @@ def run_summary(title: str, info: dict, reports: list[Path], figures: list[Path]
         lines.append("")
     for report in reports:
         text = Path(report).read_text().strip()
-        if not text.startswith("#"):  # a page without a title: its file name stands for one
-            text = f"# {Path(report).stem.replace('_', ' ').capitalize()}\n\n{text}"
+        if not text.startswith("#"):  # a page without a title
+            title = PAGE_TITLES.get(Path(report).stem,
+                                    Path(report).stem.replace("_", " ").capitalize())
+            text = f"# {title}\n\n{text}"
         # every heading one level down, under this page's title
         lines += ["\n".join("#" + line if line.startswith("#") else line
                              for line in text.splitlines()), ""]
@@ -200,6 +203,7 @@ def write_run_summary(out_md: Path, out_json: Path, *, name: str, reports: list[
 
 
 REPORT_PAGES = ("fact_check.md", "completeness.md", "likn.md", "localization.md")
+PAGE_TITLES = {"fact_check": "Fact checking (the paper's Table 3)"}
 
 
 def publish_results(results: Path, docs: Path) -> Path:
