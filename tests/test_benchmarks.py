@@ -81,3 +81,50 @@ def test_gpu_sizes_are_the_real_models_shapes(bench):
     smol = LlamaConfig(**bench.SIZES["base"]["smollm2"])
     assert (smol.num_hidden_layers, smol.hidden_size, smol.intermediate_size,
             smol.vocab_size, smol.tie_word_embeddings) == (30, 576, 1536, 49152, True)
+
+
+def test_reference_mode_agrees_with_captum_for_llama_and_gemma3(bench, tmp_path):
+    res = run(bench, tmp_path, "reference", "--queries", "2", "--models", "gemma3", "smollm2")
+    for kind in ("gemma3", "smollm2"):
+        r = res["results"][kind]
+        assert r["reference"] == "captum" and r["n_queries"] == 2 and r["speedup"] > 0
+        # the same numbers: same activation, zero baseline, midpoint nodes
+        assert r["min_pearson_r"] >= 0.9999
+        assert r["max_abs_diff_rel"] <= 1e-3
+
+
+def test_profile_mode_splits_a_query(bench, tmp_path):
+    res = run(bench, tmp_path, "profile", "--gpu-models", "gemma3", "bert", "--steps", "4")
+    for r in res["results"].values():
+        (run_,) = r["runs"].values()
+        share = run_["share"]
+        assert set(share) == {"capture", "baselines", "blocks_forward", "output_layer",
+                              "blocks_backward", "overhead"}
+        assert share["output_layer"] > 0 and share["blocks_forward"] > 0
+        assert sum(share.values()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_performance_page_is_generated_from_the_results():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    page = (ROOT / "docs" / "performance.md").read_text()
+    assert page == mod.render(ROOT / "benchmarks" / "results"), \
+        "run `make docs` and commit docs/performance.md"
+
+
+def test_performance_page_renders_every_mode(tmp_path, bench):
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for args in (["reference", "--queries", "1", "--models", "gemma3"],
+                 ["amig", "--queries", "1", "--models", "bert", "--gl-steps", "2"],
+                 ["quadrature", "--queries", "2"],
+                 ["profile", "--gpu-models", "gpt2", "--steps", "2"]):
+        name = f"{args[0]}-cpu.json"
+        bench.main([*args, "--size", "tiny", "--out", str(tmp_path / name)])
+    page = mod.render(tmp_path)
+    for heading in ("## Against a reference", "## AMIG against IG", "## Quadrature on the toy",
+                    "## GPU", "## Against the targets"):
+        assert heading in page
+    assert "captum" in page and "No GPU result is on record" in page

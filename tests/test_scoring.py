@@ -239,15 +239,18 @@ def _old_score_queries(lm, queries, erase=()):  # likn.score_queries
     return probs, top1
 
 
-def test_scoring_gives_bitwise_the_results_of_the_paths_it_replaced(model):
+def test_scoring_gives_the_results_of_the_paths_it_replaced(model):
     kind, lm = model
     queries = queries_of(lm, kind)
     sets = [[], [(0, 1)], [(1, 4), (0, 1)], [(0, 1), (1, 4), (1, 9), (1, 9)], [(1, 3)]]
     for batch_size in (64, 2, None):
-        np.testing.assert_array_equal(erased_token_probs(lm, queries[0], sets,
-                                                         batch_size=batch_size),
-                                      _old_suppress_batch(lm, queries[0], sets,
-                                                          batch_size=batch_size))
+        # erased_token_probs now runs the LM head at the object positions only (issue #16):
+        # the same numbers up to the float noise of a smaller matrix product
+        np.testing.assert_allclose(erased_token_probs(lm, queries[0], sets,
+                                                      batch_size=batch_size),
+                                   _old_suppress_batch(lm, queries[0], sets,
+                                                       batch_size=batch_size),
+                                   rtol=1e-5, atol=1e-9)
     for erase in ((), sets[2], sets[3]):
         old_probs, old_top1 = _old_score_queries(lm, queries, erase)
         probs, top1 = score_queries(lm, queries, erase)
@@ -277,4 +280,6 @@ def test_replaced_token_probs_is_the_convergence_checks_baseline_forward(model):
             logits = lm.model(input_ids=ids.expand(3, -1)).logits
         old = torch.softmax(logits[:, pos].float(), dim=-1)[:, torch.arange(len(pos)),
                                                              torch.as_tensor(query.target_ids)]
-        assert torch.equal(scoring.replaced_token_probs(lm, query, layer, pos[0], values), old)
+        # the head now runs at the object positions only (issue #16): float noise apart, equal
+        torch.testing.assert_close(scoring.replaced_token_probs(lm, query, layer, pos[0], values),
+                                   old, rtol=1e-5, atol=1e-9)

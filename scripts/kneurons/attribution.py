@@ -45,11 +45,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from .hooks import SITES, capture_block_inputs, capture_ffn, ffn_hooks, site_module
 from .models import LanguageModel
 from .queries import EncodedQuery, pad_queries
-from .scoring import object_token_probs, replaced_token_probs
+from .scoring import head_at, object_token_probs, replaced_token_probs
 
 METHODS = ("ig", "amig")
 QUADRATURES = ("riemann", "gauss-legendre", "linspace")
@@ -165,11 +166,17 @@ def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int]
     causal = fast and lm.arch == "causal"
     block_layers = range(min(layers), lm.n_layers) if fast else []
     # no_grad, not inference_mode: the cached block inputs feed the gradient passes
+    # the LM head only at the object positions: at [G, T], unit u is at[unit_q[u], unit_t[u]]
+    unit_t = [sum(1 for v in range(u) if unit_q[v] == unit_q[u]) for u in range(len(unit_q))]
+    at = torch.zeros((len(queries), max(unit_t) + 1), dtype=torch.long, device=lm.device)
+    at[uq, torch.as_tensor(unit_t, device=lm.device)] = up
+    # no_grad, not inference_mode: the cached block inputs feed the gradient passes
     with torch.no_grad(), capture_block_inputs(lm, block_layers) as calls, \
-            capture_ffn(lm, layers, site) as acts:
+            capture_ffn(lm, layers, site) as acts, head_at(lm, at) as sliced:
         out = lm.model(input_ids=ids, attention_mask=mask, use_cache=causal)
     a = torch.stack([acts[layer][uq, up].float() for layer in layers], dim=1)  # [U, nL, d_ff]
-    logits = out.logits[uq, up].float()  # [U, V]
+    logits = (out.logits[uq, torch.as_tensor(unit_t, device=lm.device)] if sliced[0]
+              else out.logits[uq, up]).float()  # [U, V]
     grp = _Group(qids, ids, mask, np.array(unit_q), np.array(unit_pos), np.array(unit_tgt),
                  np.array(unit_nt), a, dict(calls), logits)
     grp.attn_impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
@@ -229,7 +236,8 @@ def _amig_baselines(lm: LanguageModel, queries: Sequence[EncodedQuery], grp: _Gr
     for start in range(0, len(var_q), batch_size):
         stop = min(start + batch_size, len(var_q))
         with torch.inference_mode(), capture_ffn(lm, layers, site) as acts:
-            lm.model(input_ids=ids[start:stop], attention_mask=mask[start:stop], use_cache=False)
+            # the blocks alone: the baselines need no logits
+            lm.model.base_model(input_ids=ids[start:stop], attention_mask=mask[start:stop])
             sel = np.nonzero((bv >= start) & (bv < stop))[0]
             rows = torch.as_tensor(bv[sel] - start, device=lm.device)
             pos = torch.as_tensor(bp[sel], device=lm.device)
@@ -446,6 +454,17 @@ def _run_fallback(lm: LanguageModel, grp: _Group, r_q: torch.Tensor, r_pos: torc
     return logits[torch.arange(len(r_q), device=lm.device), r_pos]
 
 
+def default_batch_size(lm: LanguageModel) -> int:
+    """Rows per pass: 512 on a GPU (fits BERT-base-sized models on 24 GB cards); on the CPU
+    64 for masked LMs, whose blocks run on every position (larger batches fall out of cache),
+    and 256 for causal LMs with a registered head, whose rows are one position each and whose
+    time is mostly the LM head's vocabulary-sized products, faster in larger batches
+    (docs/performance.md)."""
+    if lm.device.type != "cpu":
+        return 512
+    return 256 if lm.arch == "causal" and lm.spec.head is not None else 64
+
+
 def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str = "amig",
               steps: int = 20, quadrature: str = "riemann", layers: Sequence[int] | None = None,
               batch_size: int | None = None, autocast: bool = False, site: str = "post"
@@ -466,9 +485,8 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
     Raises ``ValueError`` for ``amig`` on a query without query tokens (a causal template
     with ``[Y]`` first has only its start token).
 
-    ``batch_size``: rows (interpolation points) per forward/backward (default: 64 on the
-    CPU, where larger batches fall out of cache; 512 on a GPU, which fits BERT-base-sized
-    models on 24 GB cards; see the README's Performance section).
+    ``batch_size``: rows (interpolation points) per forward/backward (default:
+    :func:`default_batch_size`).
     ``layers``: attributed layers (default all; others score 0). ``site="pre"``: attribute
     w.r.t. the FFN pre-activation instead of the post-nonlinearity activation. ``autocast``:
     bf16 autocast for the gradient passes (GPU option).
@@ -484,7 +502,7 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
     for layer in layers:
         site_module(lm, layer, site)  # validates site for this architecture
     if batch_size is None:
-        batch_size = 64 if lm.device.type == "cpu" else 512
+        batch_size = default_batch_size(lm)
     batch_size = max(1, int(batch_size))
     n_l, dev = len(layers), lm.device
     layer_arr = np.asarray(layers)
@@ -498,7 +516,8 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
         for g0 in range(0, len(order), _GROUP):
             qids = order[g0:g0 + _GROUP]
             qs = [queries[i] for i in qids]
-            grp = _capture(lm, qs, qids, layers, site)
+            with record_function("kneurons.capture"):
+                grp = _capture(lm, qs, qids, layers, site)
             run_grp = run if grp.kv is None else \
                 _run_causal if lm.arch == "causal" else _run_masked
             n_u = len(grp.unit_q)
@@ -506,7 +525,8 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
                 bases = torch.zeros((n_u, n_l, lm.d_ff), device=dev)  # [U, nL, d_ff]
                 unit_bases = [[u] for u in range(n_u)]
             else:
-                bases, unit_bases = _amig_baselines(lm, qs, grp, layers, site, batch_size)
+                with record_function("kneurons.baselines"):
+                    bases, unit_bases = _amig_baselines(lm, qs, grp, layers, site, batch_size)
             # rows: (unit, layer index, baseline, step), sorted by layer
             rows = [(li, u, b, k) for li in range(n_l) for u in range(n_u)
                     for b in unit_bases[u] for k in range(steps)]
@@ -528,10 +548,18 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
                 r_pos = torch.as_tensor(grp.unit_pos[r_u[sl]], device=dev)
                 tgt = torch.as_tensor(grp.unit_tgt[r_u[sl]], device=dev)
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-                    out = run_grp(lm, grp, r_q, r_pos, layer_arr[r_li[sl]], x, site)
-                    logits = lm.spec.head(lm.model, out) if run is _run_fast else out  # [R, V]
-                p = torch.softmax(logits.float(), dim=-1).gather(1, tgt[:, None]).sum()
-                (grad,) = torch.autograd.grad(p, x)  # [R, d_ff]
+                    with record_function("kneurons.blocks.forward"):
+                        out = run_grp(lm, grp, r_q, r_pos, layer_arr[r_li[sl]], x, site)
+                    if run is _run_fast:  # out: hidden states [R, hidden]
+                        with record_function("kneurons.head"):
+                            grad_out = _head_gradient(lm, out, tgt)  # [R, hidden]
+                    else:  # out: logits [R, V]
+                        grad_out = None
+                with record_function("kneurons.blocks.backward"):
+                    if grad_out is None:
+                        (grad,) = torch.autograd.grad(object_prob(out, tgt).sum(), x)
+                    else:
+                        (grad,) = torch.autograd.grad(out, x, grad_outputs=grad_out)  # [R, d_ff]
                 contrib = (a - b) * grad * (weights_t[k_t] * r_scale[sl])[:, None]
                 scores.index_add_(0, r_q * n_l + li_t, contrib)
             scores = scores.view(len(qs), n_l, lm.d_ff).cpu().numpy()
@@ -548,6 +576,54 @@ def attribute(lm: LanguageModel, queries: Sequence[EncodedQuery], *, method: str
                 predicted = bool((grp.logits[u_t].argmax(-1) == tg).all().item())
                 results[qi] = Attribution(full, tp, float(tp.mean()), rank, predicted)
     return results  # type: ignore[return-value]
+
+
+class _ObjectProb(torch.autograd.Function):
+    """P(y_r) = softmax(z_r)[y_r] per row of logits z [R, V], with the exact gradient
+    dP/dz = P (e_y - softmax(z)) written over the saved logits in place: one pass over the
+    vocabulary forward (log-sum-exp) and one backward, no [R, V] softmax kept beside them."""
+
+    CHUNK = 8  # rows per pass over the vocabulary: their temporaries stay in the cache
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = _ObjectProb.CHUNK
+        lse = torch.cat([torch.logsumexp(z[i:i + c], dim=-1, keepdim=True)
+                         for i in range(0, z.shape[0], c)])  # [R, 1]
+        p = (z.gather(1, y[:, None]) - lse).exp_()  # [R, 1]
+        ctx.save_for_backward(z, lse, p, y)
+        return p[:, 0]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        z, lse, p, y = ctx.saved_tensors
+        gp = g[:, None] * p  # [R, 1]
+        c = _ObjectProb.CHUNK
+        for i in range(0, z.shape[0], c):  # -g P softmax(z), over the logits' storage
+            z[i:i + c].sub_(lse[i:i + c]).exp_().mul_(-gp[i:i + c])
+        z.scatter_add_(1, y[:, None], gp)
+        return z, None
+
+
+def object_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """P(target) [R] from logits [R, V] (float32), differentiable; the logits must not be
+    used again after the backward (their storage holds the gradient then)."""
+    z = logits.float()
+    if z is logits and logits.requires_grad and logits.grad_fn is None:
+        z = z.clone()  # a leaf: never overwrite the caller's tensor
+    return _ObjectProb.apply(z, targets)
+
+
+def _head_gradient(lm: LanguageModel, hidden: torch.Tensor, targets: torch.Tensor
+                   ) -> torch.Tensor:
+    """d sum_r P(targets[r] | hidden[r]) / d hidden [R, hidden]: the LM head (final norm,
+    output embeddings, soft cap) on its own graph. Its two vocabulary-sized products are most
+    of a query's time for large vocabularies; the blocks' graph then takes this gradient."""
+    leaf = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        p = object_prob(lm.spec.head(lm.model, leaf), targets)
+        (grad,) = torch.autograd.grad(p.sum(), leaf)
+    return grad
 
 
 def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "amig",
@@ -572,9 +648,10 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
     pos = torch.as_tensor(query.target_positions, device=dev)  # [T]
 
     with torch.inference_mode():
-        with capture_ffn(lm, layers, site) as acts:
-            logits = lm.model(input_ids=ids).logits  # [1, S, vocab]
-        p_a = object_token_probs(logits[:, pos], query.target_ids)[0]  # [T]
+        with capture_ffn(lm, layers, site) as acts, head_at(lm, pos[None, :]) as sliced:
+            logits = lm.model(input_ids=ids).logits  # [1, T or S, vocab]
+        p_a = object_token_probs(logits if sliced[0] else logits[:, pos],
+                                 query.target_ids)[0]  # [T]
         if method == "ig":
             base = {layer: torch.zeros((1, len(pos), lm.d_ff), device=dev) for layer in layers}
         else:
@@ -584,7 +661,7 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
             variants[torch.arange(len(query.query_positions)),
                      torch.as_tensor(query.query_positions, device=dev)] = lm.replacement_id
             with capture_ffn(lm, layers, site) as acts:
-                lm.model(input_ids=variants)
+                lm.model.base_model(input_ids=variants)  # the activations only, no logits
             base = {layer: acts[layer][:, pos].float() for layer in layers}  # [B, T, d_ff]
         gap = np.zeros(lm.n_layers)
         for layer in layers:

@@ -107,7 +107,7 @@ def _row_patches(row: int, query: EncodedQuery, intervention: Intervention) -> l
 
 
 @contextlib.contextmanager
-def _head_at(lm: LanguageModel, at: torch.Tensor) -> Iterator[list[bool]]:
+def head_at(lm: LanguageModel, at: torch.Tensor) -> Iterator[list[bool]]:
     """Run the LM head (the output embeddings) only at positions ``at`` [rows, T] of each
     row: its input [rows, S, hidden] is gathered to [rows, T, hidden] by a scoped pre-hook, so
     the logits come out [rows, T, vocab] (the head is most of a forward for large
@@ -139,7 +139,7 @@ def score(lm: LanguageModel, queries: Sequence[EncodedQuery],
           batch_size: int | None = 64, head: Literal["objects", "full"] = "objects") -> Scores:
     """Score row i = ``queries[i]`` under ``interventions[i]`` (default: none).
 
-    ``head="objects"`` runs the LM head at the object positions only (:func:`_head_at`);
+    ``head="objects"`` runs the LM head at the object positions only (:func:`head_at`);
     ``"full"`` at every position (the LIKN experiment's numbers were made so)."""
     n = len(queries)
     if interventions is None:
@@ -158,7 +158,7 @@ def score(lm: LanguageModel, queries: Sequence[EncodedQuery],
         at = torch.zeros((len(chunk), width), dtype=torch.long, device=lm.device)  # [rows, T]
         for r, q in enumerate(chunk):
             at[r, : len(q.target_positions)] = torch.as_tensor(q.target_positions)
-        heads = _head_at(lm, at) if head == "objects" else contextlib.nullcontext([False])
+        heads = head_at(lm, at) if head == "objects" else contextlib.nullcontext([False])
         with torch.inference_mode(), patch_ffn(lm, patches), heads as sliced:
             logits = lm.model(input_ids=ids, attention_mask=mask).logits  # [rows, S or T, V]
         for r, q in enumerate(chunk):
@@ -178,8 +178,8 @@ def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
                        batch_size: int | None = 64) -> np.ndarray:
     """P(object token t) [len(neuron_sets), n_object_tokens] of one query with each set
     erased at the object positions, one batch row per set (an empty set: unpatched). The
-    query is not padded and the head runs at every position; ``batch_size`` caps the rows per
-    forward (``None``: all sets in one)."""
+    query is not padded and the head runs at the object positions only; ``batch_size`` caps
+    the rows per forward (``None``: all sets in one)."""
     sets = [erase(s) for s in neuron_sets]
     n = len(sets)
     out = np.zeros((n, len(query.target_ids)), dtype=np.float32)
@@ -191,10 +191,11 @@ def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
     for start in range(0, n, bs):
         chunk = sets[start:start + bs]
         patches = [e for r, iv in enumerate(chunk) for e in _row_patches(r, query, iv)]
-        with torch.inference_mode(), patch_ffn(lm, patches):
-            logits = lm.model(input_ids=ids.expand(len(chunk), -1)).logits  # [rows, seq, vocab]
-        out[start:start + len(chunk)] = object_token_probs(logits[:, pos, :],
-                                                           query.target_ids).cpu().numpy()
+        at = pos.expand(len(chunk), -1)  # [rows, T]
+        with torch.inference_mode(), patch_ffn(lm, patches), head_at(lm, at) as sliced:
+            logits = lm.model(input_ids=ids.expand(len(chunk), -1)).logits  # [rows, T or S, V]
+        out[start:start + len(chunk)] = object_token_probs(
+            logits if sliced[0] else logits[:, pos, :], query.target_ids).cpu().numpy()
     return out
 
 
@@ -203,7 +204,7 @@ def replaced_token_probs(lm: LanguageModel, query: EncodedQuery, layer: int, pos
     """P(object token t) [B, n_object_tokens] of one query with the whole activation vector
     of ``layer`` at ``position`` replaced by ``values[i]`` ([B, d_ff]) in batch row i: the
     baselines of the convergence check (:func:`kneurons.attribution.probability_gap`). The
-    query is not padded and the head runs at every position."""
+    query is not padded and the head runs at the object positions only."""
     ids = torch.as_tensor([query.input_ids], device=lm.device)  # [1, S]
     pos = torch.as_tensor(query.target_positions, device=lm.device)  # [T]
 
@@ -212,6 +213,7 @@ def replaced_token_probs(lm: LanguageModel, query: EncodedQuery, layer: int, pos
         act[:, position] = values.to(act.dtype)
         return act
 
-    with torch.inference_mode(), ffn_hooks(lm, {layer: put}, site):
-        logits = lm.model(input_ids=ids.expand(values.shape[0], -1)).logits  # [B, S, vocab]
-    return object_token_probs(logits[:, pos], query.target_ids)
+    at = pos.expand(values.shape[0], -1)  # [B, T]
+    with torch.inference_mode(), ffn_hooks(lm, {layer: put}, site), head_at(lm, at) as sliced:
+        logits = lm.model(input_ids=ids.expand(values.shape[0], -1)).logits  # [B, T or S, V]
+    return object_token_probs(logits if sliced[0] else logits[:, pos], query.target_ids)
