@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kneurons.docs import configuration_reference, job_seconds, run_summary, schema_keys
+from kneurons.docs import (configuration_reference, invocation_seconds, job_seconds,
+                           run_summary, schema_keys)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,6 +94,21 @@ def test_run_summary_names_the_machine_and_nests_report_pages(tmp_path):
     assert "\n## Fact checking (the paper's Table 3)\n\n| a |" in page
     assert "| attribute_shard | 12 |" in page
     assert "![roc](figures/roc.png)" in page
+
+
+def test_invocation_seconds_reads_the_newest_snakemake_log(tmp_path):
+    from datetime import datetime
+
+    assert invocation_seconds(tmp_path) is None
+    for name in ("2026-12-02T070000.000001.snakemake.log", "2026-12-02T080000.500000.snakemake.log",
+                 "notes.snakemake.log"):
+        (tmp_path / name).write_text("")
+    now = datetime(2026, 12, 2, 8, 30, 0, 500000)
+    assert invocation_seconds(tmp_path, now) == 1800.0
+    info = {"date_utc": "2026-12-02 08:30", "cpu": "Some CPU", "cores": 2, "platform": "Linux",
+            "python": "3.11.7", "packages": {}, "invocation_seconds": 1800.0}
+    assert "invocation that finished this run, from its start to this summary: 30.0 min" in \
+        run_summary("Results", info, [], [], {})
 
 
 def test_job_seconds_sums_benchmark_files_per_rule(tmp_path):

@@ -153,6 +153,23 @@ def job_seconds(benchmark_dir: Path) -> dict[str, float]:
     return totals
 
 
+def invocation_seconds(log_dir: Path = Path(".snakemake/log"),
+                       now: datetime | None = None) -> float | None:
+    """Seconds since the newest Snakemake invocation started (its log file is named by its
+    start time, e.g. ``2026-12-02T080000.123456.snakemake.log``): run inside the workflow's
+    last job, the wall time of the invocation that finished the run. ``None`` without a log."""
+    starts = []
+    for path in Path(log_dir).glob("*.snakemake.log"):
+        try:
+            starts.append(datetime.strptime(path.name.split(".snakemake")[0],
+                                            "%Y-%m-%dT%H%M%S.%f"))
+        except ValueError:
+            continue
+    if not starts:
+        return None
+    return ((now or datetime.now()) - max(starts)).total_seconds()
+
+
 def run_summary(title: str, info: dict, reports: list[Path], figures: list[Path],
                 seconds: dict[str, float]) -> str:
     """One Markdown page: the machine, the report pages (verbatim) and the figures."""
@@ -171,6 +188,11 @@ def run_summary(title: str, info: dict, reports: list[Path], figures: list[Path]
         "other numbers.",
         "",
     ]
+    wall = info.get("invocation_seconds")
+    if wall is not None:
+        lines += [f"Wall time of the Snakemake invocation that finished this run, from its start "
+                  f"to this summary: {wall / 60:.1f} min (jobs done by earlier invocations are "
+                  "not in it).", ""]
     if seconds:
         lines += ["Wall-clock seconds of the benchmarked jobs, summed per rule (jobs may run "
                   "side by side):", "", "| rule | seconds |", "|---|---:|"]
@@ -195,7 +217,7 @@ def run_summary(title: str, info: dict, reports: list[Path], figures: list[Path]
 def write_run_summary(out_md: Path, out_json: Path, *, name: str, reports: list[Path],
                       figures: list[Path], benchmark_dir: Path) -> None:
     """The summary page of run ``name`` and its machine description (run.json)."""
-    info = machine_info()
+    info = {**machine_info(), "invocation_seconds": invocation_seconds()}
     seconds = job_seconds(benchmark_dir) if Path(benchmark_dir).is_dir() else {}
     write_json({"name": name, **info, "job_seconds": seconds}, out_json)
     write_text(run_summary(f"Results of the {name} run", info, reports, figures, seconds),
