@@ -303,29 +303,8 @@ def mode_reference(args) -> dict:
             return kn.get_scores(q.prompt, q.truth, batch_size=args.steps, steps=args.steps,
                                  pbar=False).detach().cpu().numpy()
 
-        ours(queries[0]), lib(queries[0])  # warm-up, not timed
-        t_ours, t_lib, agree = [], [], []
-        for i, q in enumerate(queries[1:]):
-            pair = [(ours, t_ours), (lib, t_lib)]
-            got = {}
-            for fn, times in (pair if i % 2 == 0 else pair[::-1]):
-                got[fn.__name__], sec = timed(lambda fn=fn: fn(q))
-                times.append(sec)
-            agree.append(agreement(got["ours"], got["lib"]))
-            print(f"{kind} query {i}: ours {t_ours[-1]:.2f} s, library {t_lib[-1]:.2f} s, "
-                  f"r = {agree[-1]['pearson_r']:.7f}", flush=True)
-        out[kind] = {
-            "reference": "knowledge-neurons", "site": site, "steps": args.steps,
-            "quadrature": "linspace",
-            "n_queries": len(t_ours), "query_lengths": [len(q.encoded.input_ids)
-                                                        for q in queries[1:]],
-            "ours_s_per_query": statistics.median(t_ours),
-            "library_s_per_query": statistics.median(t_lib),
-            "speedup": statistics.median(t_lib) / statistics.median(t_ours),
-            "min_pearson_r": min(a["pearson_r"] for a in agree),
-            "max_abs_diff_rel": max(a["max_abs_diff_rel"] for a in agree),
-            "ours_times": t_ours, "library_times": t_lib,
-        }
+        out[kind] = {"reference": "knowledge-neurons", "site": site, "steps": args.steps,
+                     "quadrature": "linspace", **_alternate(kind, queries, ours, lib)}
     return out
 
 
@@ -343,6 +322,13 @@ def _captum_reference(args, kind: str) -> dict:
     def lib(q: Query) -> np.ndarray:
         return captum_ig(lm, q.encoded, args.steps)
 
+    return {"reference": "captum", "site": "post", "steps": args.steps, "quadrature": "riemann",
+            **_alternate(kind, queries, ours, lib)}
+
+
+def _alternate(kind: str, queries: list[Query], ours, lib) -> dict:
+    """Time ``ours`` and the reference ``lib`` on each query but the first (a warm-up),
+    alternating which runs first, and compare their score matrices."""
     ours(queries[0]), lib(queries[0])  # warm-up, not timed
     t_ours, t_lib, agree = [], [], []
     for i, q in enumerate(queries[1:]):
@@ -352,10 +338,9 @@ def _captum_reference(args, kind: str) -> dict:
             got[fn.__name__], sec = timed(lambda fn=fn: fn(q))
             times.append(sec)
         agree.append(agreement(got["ours"], got["lib"]))
-        print(f"{kind} query {i}: ours {t_ours[-1]:.2f} s, captum {t_lib[-1]:.2f} s, "
+        print(f"{kind} query {i}: ours {t_ours[-1]:.2f} s, reference {t_lib[-1]:.2f} s, "
               f"r = {agree[-1]['pearson_r']:.7f}", flush=True)
     return {
-        "reference": "captum", "site": "post", "steps": args.steps, "quadrature": "riemann",
         "n_queries": len(t_ours),
         "query_lengths": [len(q.encoded.input_ids) for q in queries[1:]],
         "ours_s_per_query": statistics.median(t_ours),
