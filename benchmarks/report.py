@@ -244,9 +244,9 @@ def targets_section(results: Path) -> list[str]:
             out.append(f"  What stands in the way: the output layer is {head:.0%} of the time "
                        "(profile below): per row two products with the 262,144 × 640 "
                        "embedding matrix, which the gradient of P(object) needs, exactly. "
-                       f"At {run['ms_per_row']:.1f} ms per row, {AMIG_TARGET_S:.0f} s buys "
-                       f"{AMIG_TARGET_S * 1e3 / run['ms_per_row']:.0f} rows, where this query "
-                       f"needs {run['rows']} at 20 nodes.")
+                       f"At the profiled query's {run['ms_per_row']:.1f} ms per row, "
+                       f"{AMIG_TARGET_S:.0f} s buys {AMIG_TARGET_S * 1e3 / run['ms_per_row']:.0f}"
+                       f" rows, where that query needs {run['rows']} at 20 nodes.")
     else:
         out.append("- `amig` on Gemma 3 270M: not measured (`benchmarks/attribution.py "
                    "quadrature --real` needs `make setup-real`).")

@@ -626,3 +626,19 @@ def test_completeness_error_formula():
     assert completeness_error(tiny, np.array([3e-6, 0.0])) == pytest.approx(2e-6 / 1e-3)
     assert completeness_error(np.zeros((2, 2)), np.zeros(2)) == 0.0
 
+
+
+def test_object_prob_gradient_is_the_softmax_gradient_and_spares_a_leaf():
+    from kneurons.attribution import object_prob
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(19, 50, generator=gen, dtype=torch.float32)).requires_grad_(True)
+    tgt = torch.randint(0, 50, (19,), generator=gen)  # 19 rows: more than one chunk of 8
+    weights = torch.rand(19, generator=gen)
+    kept = logits.detach().clone()
+    (ours,) = torch.autograd.grad((object_prob(logits, tgt) * weights).sum(), logits)
+    ref_p = torch.softmax(logits, dim=-1).gather(1, tgt[:, None])[:, 0]
+    (ref,) = torch.autograd.grad((ref_p * weights).sum(), logits)
+    torch.testing.assert_close(object_prob(logits, tgt), ref_p.detach())
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    assert torch.equal(logits.detach(), kept)  # the caller's leaf is not overwritten

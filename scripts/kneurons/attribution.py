@@ -153,9 +153,10 @@ class _Group:
 def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int],
              layers: list[int], site: str) -> _Group:
     ids, mask = pad_queries(lm, queries)
-    unit_q, unit_pos, unit_tgt, unit_nt = [], [], [], []
+    unit_q, unit_pos, unit_tgt, unit_nt, unit_t = [], [], [], [], []
     for g, q in enumerate(queries):
-        for p, y in zip(q.target_positions, q.target_ids):
+        for t, (p, y) in enumerate(zip(q.target_positions, q.target_ids)):
+            unit_t.append(t)  # the unit's index among its query's object tokens
             unit_q.append(g)
             unit_pos.append(p)
             unit_tgt.append(y)
@@ -165,9 +166,7 @@ def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int]
     fast = lm.spec.head is not None
     causal = fast and lm.arch == "causal"
     block_layers = range(min(layers), lm.n_layers) if fast else []
-    # no_grad, not inference_mode: the cached block inputs feed the gradient passes
     # the LM head only at the object positions: at [G, T], unit u is at[unit_q[u], unit_t[u]]
-    unit_t = [sum(1 for v in range(u) if unit_q[v] == unit_q[u]) for u in range(len(unit_q))]
     at = torch.zeros((len(queries), max(unit_t) + 1), dtype=torch.long, device=lm.device)
     at[uq, torch.as_tensor(unit_t, device=lm.device)] = up
     # no_grad, not inference_mode: the cached block inputs feed the gradient passes
