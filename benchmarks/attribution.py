@@ -13,10 +13,12 @@ Modes (each writes one JSON file to ``benchmarks/results/`` and prints a table):
                the number of steps, on the bundled toy models trained from the bundled data
                (the models of the default run; random-weight models have near-uniform outputs
                and nearly linear integrands, which flatter every rule).
-``gpu``        ``amig`` throughput (queries/s) and peak memory for several batch sizes, fp32
-               and bf16 autocast, for BERT-base, GPT-2 small and Gemma-3-270m- and
-               SmolLM2-135M-shaped models (``--gpu-models``); runs on the CPU too
-               (``--device cpu``), so it is tested.
+``gpu``        ``amig`` throughput (queries/s) and peak memory in fp32, tf32 and bf16 autocast at
+               batch sizes up to the device's memory, the seconds per query of DKN detection
+               and of the completeness check, and (``--check-cpu N``) the agreement of fp32
+               with the CPU, for BERT-base, GPT-2 small, Gemma-3-270m and SmolLM2-135M shapes
+               and, to cost the paper's run, m-BERT and mGPT (1.3B) shapes
+               (``--gpu-models``); runs on the CPU too (``--device cpu``), so it is tested.
 
 The BERT-base and GPT-2-small sized models are built from configs with fixed seeds and random
 weights; the queries are single-token facts of the bundled mLAMA sample with tokenizers built
@@ -30,6 +32,7 @@ project's environment.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -47,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kneurons.attribution import attribute, default_batch_size, probability_gap  # noqa: E402
+from kneurons.devices import tf32_matmuls  # noqa: E402
 from kneurons.models import LanguageModel, wrap_model  # noqa: E402
 from kneurons.queries import EncodedQuery, encode_query  # noqa: E402
 
@@ -81,7 +85,16 @@ SIZES["base"]["smollm2"] = dict(  # HuggingFaceTB/SmolLM2-135M (llama)
     hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
     intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
     rope_theta=100000.0, tie_word_embeddings=True)
-GPU_MODELS = ("bert", "gpt2", "gemma3", "smollm2")
+SIZES["base"]["mbert"] = dict(  # bert-base-multilingual-cased: BERT-base, 119,547 tokens
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    vocab_size=119547)
+SIZES["base"]["mgpt"] = dict(  # ai-forever/mGPT (GPT-2 architecture, 1.3B parameters)
+    n_embd=2048, n_layer=24, n_head=16, n_positions=2048, vocab_size=100000)
+SIZES["tiny"]["mbert"] = dict(SIZES["tiny"]["bert"])
+SIZES["tiny"]["mgpt"] = dict(SIZES["tiny"]["gpt2"])
+GPU_MODELS = ("bert", "gpt2", "gemma3", "smollm2", "mbert", "mgpt")
+# fewer timed queries for the largest shape (mGPT: ~4x the rows' work of GPT-2 small)
+GPU_QUERY_DIVISOR = {"mgpt": 4}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -132,9 +145,9 @@ def build_model(kind: str, size: str, device: str = "cpu", seed: int = 0) -> Lan
 
     facts = english_facts()
     torch.manual_seed(seed)
-    if kind == "bert":
+    if kind in ("bert", "mbert"):
         tok = bert_tokenizer(facts)
-        cfg = {"vocab_size": len(tok), **SIZES[size]["bert"]}
+        cfg = {"vocab_size": len(tok), **SIZES[size][kind]}
         cfg["vocab_size"] = max(cfg["vocab_size"], len(tok))
         return wrap_model(BertForMaskedLM(BertConfig(**cfg)), tok, "masked", device)
     tok = gpt2_tokenizer(facts)
@@ -594,20 +607,42 @@ def mode_profile(args) -> dict:
 
 
 def mode_gpu(args) -> dict:
-    """Throughput of each architecture of ``--gpu-models`` (BERT-base, GPT-2 small, and
-    Gemma-3-270m / SmolLM2-135M shapes), one after the other."""
+    """Throughput of each architecture of ``--gpu-models`` (BERT-base, GPT-2 small, the
+    Gemma-3-270m / SmolLM2-135M shapes, and for costing the paper's run m-BERT and mGPT
+    shapes), one after the other, each within ``--budget-s``."""
     out = {}
     for kind in args.gpu_models:
-        out[kind] = _gpu_one(args, kind)
+        tic = time.monotonic()
+        try:
+            out[kind] = _gpu_one(args, kind)
+        except Exception as err:  # noqa: BLE001 (one model's failure must not lose the rest)
+            import traceback
+
+            out[kind] = {"error": f"{type(err).__name__}: {err}",
+                         "traceback": traceback.format_exc()}
+            print(f"{kind}: FAILED {err!r}", flush=True)
+        out[kind]["wall_s"] = time.monotonic() - tic
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()
+        args.save(out)
     return out
 
 
+def _oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
+
+
 def _gpu_one(args, kind: str) -> dict:
+    """One architecture: ``amig`` at each precision and batch size (larger sizes until the
+    memory runs out or the budget is spent), then DKN detection and the completeness check
+    (the other per-query work of a job), and the agreement of fp32 with the CPU."""
     dev = torch.device(args.device)
-    lm = build_model(kind, args.size, args.device)
-    queries = [q.encoded for q in single_token_queries(lm, args.queries)]
+    cpu_lm = build_model(kind, args.size, "cpu")
+    lm = wrap_model(copy.deepcopy(cpu_lm.model), cpu_lm.tokenizer, cpu_lm.arch, dev)
+    if not args.check_cpu:
+        del cpu_lm
+    n_queries = max(1, args.queries // GPU_QUERY_DIVISOR.get(kind, 1))
+    queries = [q.encoded for q in single_token_queries(lm, n_queries)]
     sizes = args.gpu_batch_sizes
     # precision: fp32; tf32 (fp32 storage, TensorFloat-32 matmuls, CUDA only); bf16 autocast
     precisions = [("fp32", False, False)]
@@ -615,43 +650,89 @@ def _gpu_one(args, kind: str) -> dict:
         precisions.append(("tf32", False, True))
     if dev.type == "cuda" or args.autocast:
         precisions.append(("bf16-autocast", True, False))
-    ref = None
-    rows = []
+    tic = time.monotonic()
+    ref, rows = None, []
     for precision, autocast, tf32 in precisions:
-        if dev.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
         for bs in sizes:
-            attribute(lm, queries[:1], method="amig", steps=args.steps, batch_size=bs,
-                      autocast=autocast)  # warm-up
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            res, sec = timed(lambda: attribute(lm, queries, method="amig", steps=args.steps,
-                                               batch_size=bs, autocast=autocast))
+            row = {"precision": precision, "batch_size": bs}
+            if args.budget_s and time.monotonic() - tic > args.budget_s and ref is not None:
+                rows.append({**row, "skipped": "time budget"})
+                continue
+            try:
+                with tf32_matmuls(tf32):
+                    attribute(lm, queries[:1], method="amig", steps=args.steps, batch_size=bs,
+                              autocast=autocast)  # warm-up
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    res, sec = timed(lambda: attribute(lm, queries, method="amig",
+                                                       steps=args.steps, batch_size=bs,
+                                                       autocast=autocast))
+            except Exception as err:  # noqa: BLE001
+                if not _oom(err):
+                    raise
+                rows.append({**row, "oom": True})
+                print(json.dumps({"model": kind, **rows[-1]}), flush=True)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                break  # larger batches need more memory still
             scores = np.stack([r.scores for r in res])
             if ref is None:
                 ref = scores
-            row = {"precision": precision, "batch_size": bs, "seconds": sec,
-                   "queries_per_s": len(queries) / sec,
-                   "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
-                                    if dev.type == "cuda" else None),
-                   **{f"vs_fp32_{k}": v for k, v in agreement(scores, ref).items()}}
+            row.update(seconds=sec, queries_per_s=len(queries) / sec,
+                       peak_mem_gib=(torch.cuda.max_memory_allocated() / 2**30
+                                     if dev.type == "cuda" else None),
+                       **{f"vs_fp32_{k}": v for k, v in agreement(scores, ref).items()})
             rows.append(row)
             print(json.dumps({"model": kind, **row}), flush=True)
+    timed_rows = [r for r in rows if "queries_per_s" in r]
     out = {"device": str(dev), "n_queries": len(queries), "steps": args.steps, "runs": rows,
-           "best_queries_per_s": max(r["queries_per_s"] for r in rows)}
-    if args.check_cpu and dev.type != "cpu":
-        # the same model (same seed) on the CPU, all cores: the device's fp32 numbers agree
+           "rows_per_query": [len(q.query_positions) * len(q.target_ids) * lm.n_layers
+                              * args.steps for q in queries],
+           "best_queries_per_s": max(r["queries_per_s"] for r in timed_rows)}
+    for precision in {r["precision"] for r in timed_rows}:
+        best = max((r for r in timed_rows if r["precision"] == precision),
+                   key=lambda r: r["queries_per_s"])
+        out[f"best_{precision}"] = {k: best[k] for k in ("batch_size", "queries_per_s",
+                                                         "peak_mem_gib")}
+    out.update(_job_parts(lm, queries, ref))
+    if args.check_cpu:
+        # the same weights on the CPU, all cores: the device's fp32 numbers agree
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or 1)
-        cpu_lm = build_model(kind, args.size, "cpu")
-        cpu = attribute(cpu_lm, queries[:args.check_cpu], method="amig", steps=args.steps)
+        n = min(args.check_cpu, len(queries))
+        cpu, sec = timed(lambda: attribute(cpu_lm, queries[:n], method="amig",
+                                           steps=args.steps))
         torch.set_num_threads(threads)
-        out["fp32_vs_cpu"] = agreement(ref[:args.check_cpu], np.stack([r.scores for r in cpu]))
+        out["fp32_vs_cpu"] = agreement(ref[:n], np.stack([r.scores for r in cpu]))
+        out["cpu_s_per_query"] = sec / n
+        out["cpu_threads"] = os.cpu_count()
         print(f"{kind}: fp32 on the device vs the CPU:", out["fp32_vs_cpu"], flush=True)
     out["model"] = {"model_type": lm.spec.model_type, "n_layers": lm.n_layers, "d_ff": lm.d_ff,
-                    "vocab_size": int(lm.model.config.vocab_size)}
+                    "vocab_size": int(lm.model.config.vocab_size),
+                    "parameters": sum(p.numel() for p in lm.model.parameters())}
     return out
+
+
+def _job_parts(lm: LanguageModel, queries: list[EncodedQuery], scores: np.ndarray) -> dict:
+    """Seconds per query of the rest of a job's per-query work, fp32: DKN detection (the
+    knowledge neurons: the 20 top-scoring neurons) and the shard's completeness check
+    (first, middle and last layer)."""
+    from kneurons.dkn import detect_query_dkn
+    from kneurons.neurons import top_neurons
+    from kneurons.shards import check_layers
+
+    kns = []
+    for s in scores:
+        layers, neurons, _ = top_neurons(s, 20)
+        kns.append(list(zip(layers.tolist(), neurons.tolist())))
+    detect_query_dkn(lm, queries[0], kns[0], single_drop=0.2, pair_drop=0.25)  # warm-up
+    _, dkn_s = timed(lambda: [detect_query_dkn(lm, q, kn, single_drop=0.2, pair_drop=0.25)
+                              for q, kn in zip(queries, kns)])
+    checked = check_layers(lm.n_layers)
+    _, gap_s = timed(lambda: [probability_gap(lm, q, method="amig", layers=checked)
+                              for q in queries])
+    return {"dkn_s_per_query": dkn_s / len(queries),
+            "completeness_check_s_per_query": gap_s / len(queries)}
 
 
 MODES = {"reference": mode_reference, "amig": mode_amig, "quadrature": mode_quadrature,
@@ -667,7 +748,7 @@ def main(argv: list[str] | None = None) -> Path:
                         "gpt2, captum for gemma3 and smollm2)")
     p.add_argument("--size", choices=sorted(SIZES), default="base")
     p.add_argument("--queries", type=int, default=None,
-                   help="timed queries (default: 5; quadrature 20; gpu 64 on cuda, 4 on cpu)")
+                   help="timed queries (default: 5; quadrature 20; gpu 32 on cuda, 4 on cpu)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--gl-steps", type=int, default=None,
                    help="amig mode: also time amig with this many Gauss-Legendre steps")
@@ -675,7 +756,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--batch-size", type=int, default=None, help="our engine's rows per pass")
     p.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--gpu-models", nargs="+", choices=GPU_MODELS, default=list(GPU_MODELS),
-                   help="gpu mode: architectures (default: all four)")
+                   help="gpu mode: architectures (default: all six)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="gpu mode: seconds per model after which further precisions and "
+                        "batch sizes are skipped (default: none)")
     p.add_argument("--autocast", action="store_true", help="gpu mode on cpu: also bf16")
     p.add_argument("--check-cpu", type=int, default=0, metavar="N",
                    help="gpu mode: also compare the first N queries with a CPU run")
@@ -692,22 +776,28 @@ def main(argv: list[str] | None = None) -> Path:
     if args.device is None:
         args.device = "cuda" if args.mode == "gpu" and cuda else "cpu"
     if args.queries is None:
-        args.queries = {"quadrature": 20, "gpu": 64 if args.device.startswith("cuda") else 4
+        args.queries = {"quadrature": 20, "gpu": 32 if args.device.startswith("cuda") else 4
                         }.get(args.mode, 5)
     if args.gpu_batch_sizes is None:
-        args.gpu_batch_sizes = [256, 512, 1024, 2048] if args.device.startswith("cuda") \
+        args.gpu_batch_sizes = [256, 1024, 4096, 16384] if args.device.startswith("cuda") \
             else [64, 128]
-    result = {"mode": args.mode, "size": args.size, "machine": machine(),
-              "args": {k: (str(v) if isinstance(v, Path) else v)
-                       for k, v in vars(args).items()},
-              "results": MODES[args.mode](args)}
     suffix = ("" if args.size == "base" else f"-{args.size}") + ("-real" if args.real else "")
     dev = "gpu" if args.device.startswith("cuda") else "cpu"
     out = args.out or ROOT / "benchmarks" / "results" / f"{args.mode}-{dev}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    result = {"mode": args.mode, "size": args.size, "machine": machine(),
+              "args": {k: (str(v) if isinstance(v, Path) else v)
+                       for k, v in vars(args).items()}}
+
+    def save(results: dict, complete: bool) -> None:
+        """Write what is measured so far (a run cut short keeps its finished models)."""
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**result, "complete": complete, "results": results},
+                                  indent=1) + "\n")
+        tmp.replace(out)
+
+    args.save = lambda results: save(results, False)
+    save(MODES[args.mode](args), True)
     print(f"wrote {out}")
     return out
 

@@ -77,8 +77,9 @@ def make_bpe_masked_tokenizer(vocab_size: int = 320):
                                    cls_token="<s>", sep_token="</s>")
 
 
-def build(kind: str, seed: int = 0, **overrides) -> LanguageModel:
-    """A tiny randomly initialised LM of the given model_type, wrapped."""
+def build(kind: str, seed: int = 0, device: str = "cpu", **overrides) -> LanguageModel:
+    """A tiny randomly initialised LM of the given model_type (every entry of
+    ``kneurons.models.ARCHITECTURES``), wrapped, on ``device``."""
     from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel,
                               GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
                               RobertaConfig, RobertaForMaskedLM)
@@ -92,14 +93,18 @@ def build(kind: str, seed: int = 0, **overrides) -> LanguageModel:
                    attention_probs_dropout_prob=0.0)
         cfg.update(overrides)
         model, arch = BertForMaskedLM(BertConfig(**cfg)), "masked"
-    elif kind == "roberta":
+    elif kind in ("roberta", "xlm-roberta"):
+        from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
         tok = make_bpe_masked_tokenizer()
         cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                    num_attention_heads=4, intermediate_size=40, max_position_embeddings=72,
                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                    eos_token_id=tok.eos_token_id, initializer_range=0.2)
         cfg.update(overrides)
-        model, arch = RobertaForMaskedLM(RobertaConfig(**cfg)), "masked"
+        config_cls, model_cls = ((RobertaConfig, RobertaForMaskedLM) if kind == "roberta"
+                                 else (XLMRobertaConfig, XLMRobertaForMaskedLM))
+        model, arch = model_cls(config_cls(**cfg)), "masked"
     elif kind == "gpt2":
         tok = make_bpe_tokenizer()
         cfg = dict(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_inner=48,
@@ -130,9 +135,40 @@ def build(kind: str, seed: int = 0, **overrides) -> LanguageModel:
                    eos_token_id=tok.eos_token_id)
         cfg.update(overrides)
         model, arch = GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)), "causal"
+    elif kind == "gemma3_text":
+        # GeGLU FFN, post-FFN RMSNorm, sliding and global attention layers, tied embeddings
+        # scaled by sqrt(hidden), and a final logit softcap (off in Gemma 3's default config,
+        # set here so that the registry's head must apply it); sliding window 4 < the query
+        # lengths: the full-block path (``sliding_window=64``: the one-position path)
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        tok = make_bpe_tokenizer()
+        cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   intermediate_size=40, max_position_embeddings=64, initializer_range=0.2,
+                   sliding_window=4,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                   final_logit_softcapping=3.0, query_pre_attn_scalar=8,
+                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.eos_token_id)
+        cfg.update(overrides)
+        model, arch = Gemma3ForCausalLM(Gemma3TextConfig(**cfg)), "causal"
+    elif kind == "gemma2":
+        # falls out of the Gemma 3 registry entry (same layout, softcapped logits)
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        tok = make_bpe_tokenizer()
+        cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   intermediate_size=40, max_position_embeddings=64, initializer_range=0.2,
+                   query_pre_attn_scalar=8, final_logit_softcapping=2.0,
+                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.eos_token_id)
+        cfg.update(overrides)
+        model, arch = Gemma2ForCausalLM(Gemma2Config(**cfg)), "causal"
     else:
         raise ValueError(kind)
-    return wrap_model(model, tok, arch)
+    return wrap_model(model, tok, arch, device)
 
 
 @pytest.fixture(scope="session")

@@ -150,44 +150,15 @@ def without_head(lm):
 
 
 def build_gemma3(seed: int = 0, **overrides):
-    """A tiny random Gemma 3 (text) LM: GeGLU FFN, post-FFN RMSNorm, sliding and global
-    attention layers, tied embeddings scaled by sqrt(hidden), and a final logit softcap (off in
-    Gemma 3's default config, set here so that the registry's head must apply it)."""
-    from conftest import make_bpe_tokenizer
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from conftest import build
 
-    from kneurons.models import wrap_model
-
-    torch.manual_seed(seed)
-    tok = make_bpe_tokenizer()
-    cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=8, intermediate_size=40,
-               max_position_embeddings=64, initializer_range=0.2, sliding_window=4,
-               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-               final_logit_softcapping=3.0, query_pre_attn_scalar=8,
-               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.eos_token_id)
-    cfg.update(overrides)
-    return wrap_model(Gemma3ForCausalLM(Gemma3TextConfig(**cfg)), tok, "causal")
+    return build("gemma3_text", seed, **overrides)
 
 
 def build_gemma2(seed: int = 0):
-    """A tiny random Gemma 2: it falls out of the Gemma 3 registry entry (same layout,
-    softcapped logits)."""
-    from conftest import make_bpe_tokenizer
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from conftest import build
 
-    from kneurons.models import wrap_model
-
-    torch.manual_seed(seed)
-    tok = make_bpe_tokenizer()
-    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       intermediate_size=40, max_position_embeddings=64, initializer_range=0.2,
-                       query_pre_attn_scalar=8, final_logit_softcapping=2.0,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.eos_token_id)
-    return wrap_model(Gemma2ForCausalLM(cfg), tok, "causal")
+    return build("gemma2", seed)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,57 @@ def test_performance_page_renders_every_mode(tmp_path, bench):
                     "## GPU", "## Against the targets"):
         assert heading in page
     assert "captum" in page and "No GPU result is on record" in page
+
+
+@pytest.fixture(scope="module")
+def gpu_dag():
+    spec = importlib.util.spec_from_file_location("gpu_dag", ROOT / "benchmarks" / "gpu_dag.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_dag_check_compares_tables_to_float_rounding(gpu_dag, tmp_path):
+    import pandas as pd
+
+    table = pd.DataFrame({"model": ["a", "b"], "f1": [0.5, 0.75], "threshold": [1e-3, np.nan]})
+    table.to_csv(tmp_path / "x.csv", index=False)
+    table.assign(f1=[0.5 + 1e-9, 0.75]).to_csv(tmp_path / "rounded.csv", index=False)
+    table.assign(f1=[0.5, 0.8]).to_csv(tmp_path / "other.csv", index=False)
+    table.assign(model=["a", "c"]).to_csv(tmp_path / "renamed.csv", index=False)
+    same = gpu_dag.compare_tables(tmp_path / "x.csv", tmp_path / "rounded.csv")
+    assert same["equal"] and same["max_abs_diff"]["f1"] == pytest.approx(1e-9)
+    assert same["max_abs_diff"]["threshold"] == 0.0  # NaN in both: equal
+    assert not gpu_dag.compare_tables(tmp_path / "x.csv", tmp_path / "other.csv")["equal"]
+    renamed = gpu_dag.compare_tables(tmp_path / "x.csv", tmp_path / "renamed.csv")
+    assert not renamed["equal"] and renamed["differing_non_numeric"] == ["model"]
+    assert not gpu_dag.compare_tables(tmp_path / "x.csv", tmp_path / "none.csv")["compared"]
+
+
+def test_gpu_dag_check_reads_each_gpu_jobs_device(gpu_dag, tmp_path):
+    logs = tmp_path / "logs"
+    (logs / "attribution" / "m" / "en" / "discovery").mkdir(parents=True)
+    (logs / "neurons" / "m").mkdir(parents=True)
+    (logs / "attribution" / "m" / "en" / "discovery" / "shard-0.log").write_text(
+        "INFO kneurons.devices: device: cuda (leased GPU 0 of ['0'])\n")
+    (logs / "neurons" / "m" / "edit_likn.log").write_text("nothing about devices\n")
+    found = gpu_dag.gpu_job_devices(tmp_path)
+    assert found["attribute_shard"] == [
+        "logs/attribution/m/en/discovery/shard-0.log: cuda (leased GPU 0 of ['0'])"]
+    assert found["edit_likn"] == ["logs/neurons/m/edit_likn.log: NO DEVICE LINE"]
+
+
+def test_gpu_dag_check_config_plans_the_whole_dag(gpu_dag, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(gpu_dag.small_config()))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for rule in gpu_dag.GPU_LOGS:  # every GPU rule is in the check
+        assert rule in result.stdout

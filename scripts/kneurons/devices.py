@@ -17,6 +17,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -25,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +106,31 @@ def pick_device(requested: str | None = None) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("device: %s (leased GPU %s of %s)", device, leased, devices)
     return device
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """TensorFloat-32 float32 matrix products on CUDA (Ampere and later) in the body, or IEEE
+    float32 ones (``enabled=False``, torch's default); the CPU ignores the setting.
+
+    Sets torch's per-backend precision (``torch.backends.cuda.matmul.fp32_precision``) and
+    restores it; never the legacy ``allow_tf32`` flags, whose mixing with it raises in torch
+    2.9 and later. Which precision to use for attribution: docs/performance.md (GPU).
+    """
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # torch < 2.9: the legacy flag only
+        before = matmul.allow_tf32
+        matmul.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = before
+        return
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
