@@ -191,3 +191,22 @@ def test_plots_leave_no_open_figures(tmp_path):
     plot_dkn_layers(layer_counts(), tmp_path / "a.png", tmp_path / "a.svg")
     plot_roc({"k": dkn_frame(2)}, tmp_path / "b.png", tmp_path / "b.svg")
     assert len(plt.get_fignums()) == before
+
+
+def test_panels_wrap_into_rows_no_wider_than_2000_px(tmp_path):
+    from PIL import Image
+
+    from kneurons.figures import DPI, MAX_WIDTH_IN, grid_shape, panels
+
+    assert grid_shape(10, 6.5) == (5, 2) and grid_shape(1, 6.5) == (1, 1)
+    assert grid_shape(0, 4.0) == (1, 1) and grid_shape(7, 3.0) == (2, 4)
+    with panels(tmp_path / "f.png", tmp_path / "f.svg", 5, 6.5, 3.0, title="t",
+                note="two panels left out: no data") as (fig, axes):
+        assert len(axes) == 5
+        for ax in axes:
+            ax.plot([0, 1], [0, 1])
+    width, height = Image.open(tmp_path / "f.png").size
+    assert width <= MAX_WIDTH_IN * DPI + 100 and height >= 0.8 * 3 * 3.0 * DPI  # 3 rows of 2
+    with panels(tmp_path / "e.png", tmp_path / "e.svg", 0, 6.5, 3.0, title="t") as (_, axes):
+        assert axes == []
+    assert "no data" in (tmp_path / "e.svg").read_text()

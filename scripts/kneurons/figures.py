@@ -19,6 +19,9 @@ from .io import atomic_path
 
 RC = {"svg.fonttype": "none", "svg.hashsalt": "kneurons"}
 """matplotlib settings of every figure (reproducible SVG)."""
+DPI = 150
+MAX_WIDTH_IN = 13.0
+"""No figure is wider than this (13 in x 150 dpi = 1950 px): panels wrap into rows."""
 
 
 def pyplot():
@@ -34,7 +37,7 @@ def pyplot():
 def save(fig, out_png: str | os.PathLike, out_svg: str | os.PathLike) -> None:
     """Write ``fig`` as PNG (150 dpi) and SVG, each atomically, without dates."""
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight",
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight",
                     metadata={"Software": None})
     with atomic_path(out_svg) as tmp:
         fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None})
@@ -95,3 +98,28 @@ def layer_bars(ax, bars: Mapping[str, pd.Series], ylabel: str, heading: str,
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(heading)
     ax.legend(**legend)
+
+
+def grid_shape(n: int, width: float) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels of ``width`` inches: as many columns as fit in
+    :data:`MAX_WIDTH_IN`, at least one."""
+    ncols = max(1, min(max(n, 1), int(MAX_WIDTH_IN // width)))
+    return -(-max(n, 1) // ncols), ncols
+
+
+@contextlib.contextmanager
+def panels(out_png: str | os.PathLike, out_svg: str | os.PathLike, n: int, width: float,
+           height: float, *, title: str, note: str | None = None) -> Iterator[tuple]:
+    """A figure of ``n`` panels of ``width`` x ``height`` inches, wrapped into rows so that
+    it is at most :data:`MAX_WIDTH_IN` wide; yields ``(fig, axes)`` with the ``n`` panels as
+    a flat list (unused cells of the last row are hidden). ``n == 0`` gives one "no data"
+    panel. ``note``: a line under the panels (e.g. which panels were left out and why)."""
+    nrows, ncols = grid_shape(n, width)
+    with figure(out_png, out_svg, ncols, width, height * nrows, nrows=nrows, title=title,
+                empty=n == 0) as (fig, grid):
+        cells = list(grid) if nrows == 1 else [ax for row in grid for ax in row]
+        for ax in cells[max(n, 1):]:
+            ax.axis("off")
+        yield fig, cells[:n]
+        if note:
+            fig.text(0.01, -0.01, note, ha="left", va="top", fontsize="small", wrap=True)
