@@ -42,3 +42,23 @@ def test_write_csv_and_read_json_round_trip(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["t.csv"]  # no temporary left
     write_json({"x": [1, 2], "y": "é"}, tmp_path / "d.json")
     assert read_json(tmp_path / "d.json") == {"x": [1, 2], "y": "é"}
+
+
+def test_neuron_scores_read_the_stored_matrix_by_neuron():
+    import numpy as np
+    import pandas as pd
+
+    from kneurons.records import SCORE_DTYPE, converged, neuron_scores
+
+    m = np.arange(12, dtype=SCORE_DTYPE).reshape(3, 4)
+    records = pd.DataFrame({"uuid": ["a", "b"], "candidate": ["true", "true"],
+                            "scores": [m.tobytes(), None]})
+    got = neuron_scores(records, [(0, 1), (2, 3)], 3, 4)
+    assert got[0].tolist() == [1.0, 11.0] and np.isnan(got[1]).all()
+    assert neuron_scores(records, [], 3, 4).shape == (2, 0)
+    import pytest
+
+    with pytest.raises(ValueError, match="outside"):
+        neuron_scores(records, [(3, 0)], 3, 4)
+    assert converged(records).all()
+    assert converged(records.assign(converged=[True, False])).tolist() == [True, False]

@@ -111,3 +111,39 @@ def completeness_error(scores: np.ndarray, gap: np.ndarray) -> float:
 def score_matrix(record_scores: bytes, n_layers: int, d_ff: int) -> np.ndarray:
     """The float32 [n_layers, d_ff] score matrix of a checked record."""
     return np.frombuffer(record_scores, dtype=SCORE_DTYPE).reshape(n_layers, d_ff).astype(np.float32)
+
+
+def converged(records: pd.DataFrame) -> pd.Series:
+    """Which records may be used: those whose attribution converged (column ``converged``;
+    shards written before it existed count as converged). Every consumer of attribution
+    records (knowledge neurons, DKN, LIKN, fact checking, localization) keeps these rows
+    only and counts the others (docs/method.md, "Converged or not counted")."""
+    if "converged" not in records:
+        return pd.Series(True, index=records.index)
+    return records["converged"].fillna(False).astype(bool)
+
+
+def neuron_scores(records: pd.DataFrame, neurons: Sequence[tuple[int, int]], n_layers: int,
+                  d_ff: int) -> np.ndarray:
+    """The stored scores of ``neurons`` [(layer, index), ...] for each record:
+    [n_records, len(neurons)] float64, NaN where a record stores no scores (unchecked records)
+    or none for that neuron's layer. The one way to read score matrices by neuron."""
+    pairs = np.asarray([tuple(n) for n in neurons], dtype=np.int64).reshape(-1, 2)
+    out = np.full((len(records), len(pairs)), np.nan)
+    if not len(pairs):
+        return out
+    bad = (pairs[:, 0] < 0) | (pairs[:, 0] >= n_layers) | (pairs[:, 1] < 0) | (pairs[:, 1] >= d_ff)
+    if bad.any():
+        layer, unit = pairs[np.argmax(bad)]
+        raise ValueError(f"neuron ({layer}, {unit}) is outside [0, {n_layers}) x [0, {d_ff})")
+    flat = pairs[:, 0] * d_ff + pairs[:, 1]
+    n_bytes = n_layers * d_ff * SCORE_DTYPE.itemsize
+    for row, blob in enumerate(records["scores"]):
+        if blob is None:
+            continue
+        if len(blob) != n_bytes:
+            raise ValueError(f"record {records['uuid'].iat[row]}/{records['candidate'].iat[row]}"
+                             f" has {len(blob)} bytes of scores; expected {n_bytes} "
+                             f"(float32 [{n_layers}, {d_ff}])")
+        out[row] = np.frombuffer(blob, dtype=SCORE_DTYPE)[flat]
+    return out
