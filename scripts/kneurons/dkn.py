@@ -22,8 +22,9 @@ in DKN detection (:func:`detect_dkn_records` skips them) nor in aggregation
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -33,9 +34,12 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .models import LanguageModel
-from .neurons import Neuron, knowledge_neurons_of
+from .neurons import Neuron, knowledge_neurons_of, seeded_rank, seeded_rng
 from .queries import EncodedQuery, encode_query
 from .scoring import erased_token_probs
+from .statistics import jaccard
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class QueryDKN:
@@ -188,17 +192,107 @@ def detect_dkn_records(
     return pd.concat(chunks, ignore_index=True)
 
 
+STABILITY_WARNING = 0.5
+"""A relation's DKN set whose bootstrap Jaccard over discovery queries is below this is
+reported as unstable (a warning in the log and the report)."""
+CONTROL_POOL = 10
+"""The matched random control draws each neuron among this many neurons of the same layer
+closest in mean |activation| to the DKN neuron it stands for."""
+
+
+def frequent_kn_control(query_kn: Iterable[Iterable[Neuron]], dkn: Sequence[Neuron]
+                        ) -> list[Neuron]:
+    """The relation's most frequent knowledge neurons that are not DKN, as many as it has DKN:
+    a control set of neurons the attribution also picks, often, for the relation, without the
+    degenerate property. Counted once per query; ties by (layer, neuron)."""
+    counts: Counter = Counter()
+    for kn in query_kn:
+        counts.update({(int(layer), int(neuron)) for layer, neuron in kn})
+    taken = {(int(a), int(b)) for a, b in dkn}
+    ranked = sorted((n for n in counts if n not in taken), key=lambda n: (-counts[n], n))
+    return ranked[:len(taken)]
+
+
+def matched_random_control(dkn: Sequence[Neuron], activation: np.ndarray,
+                           exclude: Iterable[Neuron], rng: np.random.Generator,
+                           pool: int = CONTROL_POOL) -> list[Neuron]:
+    """Per DKN neuron (layer l, index i) a random neuron of layer l, drawn uniformly among the
+    ``pool`` neurons of that layer whose mean |activation| (``activation`` [n_layers, d_ff],
+    over the relation's discovery queries at the object positions) is closest to neuron i's,
+    outside ``exclude`` and the neurons already drawn: same layers, same activation magnitude,
+    no attribution (a control that erases as much signal as the DKN would, by magnitude)."""
+    taken = {(int(a), int(b)) for a, b in exclude} | {(int(a), int(b)) for a, b in dkn}
+    out = []
+    for layer, index in dkn:
+        row = np.asarray(activation[int(layer)], dtype=np.float64)
+        free = np.asarray([j for j in range(len(row)) if (int(layer), j) not in taken])
+        if not len(free):
+            raise ValueError(f"no free neuron left in layer {layer}")
+        near = free[np.argsort(np.abs(row[free] - row[int(index)]), kind="stable")[:pool]]
+        pick = (int(layer), int(near[rng.integers(len(near))]))
+        taken.add(pick)
+        out.append(pick)
+    return out
+
+
+def dkn_stability(members: Sequence[Sequence[Neuron]], relation_threshold: float,
+                  distinct: bool, dkn: Sequence[Neuron], *, n_boot: int = 200,
+                  seed: int = 0) -> dict:
+    """How stable a relation's DKN set is: its queries resampled with replacement
+    ``n_boot`` times, the DKN set recomputed by :func:`relation_dkn` each time, and its
+    Jaccard with the set of all queries. Returns ``jaccard`` (the mean), ``jaccard_low`` and
+    ``jaccard_high`` (2.5 and 97.5 percentiles), ``n_boot`` and ``stable`` (mean at least
+    :data:`STABILITY_WARNING`). An empty DKN set from an empty relation is stable (1)."""
+    rng = np.random.default_rng(seed)
+    reference = {(int(a), int(b)) for a, b in dkn}
+    values = []
+    for _ in range(n_boot):
+        picked = [members[k] for k in rng.integers(0, len(members), len(members))]
+        kept, _ = relation_dkn(picked, relation_threshold, distinct=distinct)
+        values.append(jaccard(kept, reference))
+    values = np.asarray(values) if values else np.ones(1)
+    low, high = np.quantile(values, [0.025, 0.975])
+    mean = float(values.mean())
+    return {"jaccard": mean, "jaccard_low": float(low), "jaccard_high": float(high),
+            "n_boot": int(n_boot), "stable": bool(mean >= STABILITY_WARNING)}
+
+
+def relation_activation(paths: Sequence) -> dict[str, np.ndarray] | None:
+    """relation -> mean |activation| [n_layers, d_ff] over the discovery queries of DKN
+    detection's activation files (``shard-N.activation.npz``: ``relations`` [R], ``sums``
+    [R, n_layers, d_ff], ``counts`` [R]); ``None`` without files."""
+    if not len(paths):
+        return None
+    sums: dict[str, np.ndarray] = {}
+    counts: Counter = Counter()
+    for path in paths:
+        with np.load(path, allow_pickle=False) as data:
+            for relation, total, n in zip(data["relations"], data["sums"], data["counts"]):
+                relation = str(relation)
+                sums[relation] = sums.get(relation, 0.0) + np.asarray(total, dtype=np.float64)
+                counts[relation] += int(n)
+    return {r: sums[r] / counts[r] for r in sums if counts[r] > 0}
+
+
 def aggregate_relations(query_dkn: pd.DataFrame, relation_threshold: float,
-                        calibration: Iterable[str] = (), count: str = "query"
-                        ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """Per relation: the DKN set (see ``relation_dkn``) and statistics.
+                        calibration: Iterable[str] = (), count: str = "query", *,
+                        activation: Mapping[str, np.ndarray] | None = None, seed: int = 0,
+                        n_boot: int = 200) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Per relation: the DKN set (see ``relation_dkn``), its control sets, its stability and
+    statistics.
 
     ``query_dkn``: rows of ``detect_dkn_records``; rows of the uuids in ``calibration`` (the
-    calibration slice) are dropped first. ``count``: one of :data:`DKN_COUNTS`. Returns the JSON-able
-    ``{"relation_threshold", "relations": {rel: {"dkn": [[layer, neuron], ...],
-    "counts": [...], "n_queries", "queries_with_dkn"}}}``; a statistics table with one row per
-    relation (n_queries, mean_kn, mean_pairs, queries_with_dkn, n_dkn, mean_base_prob); and the
-    layer distribution of the DKN sets (relation, layer, n_dkn).
+    calibration slice) are dropped first. ``count``: one of :data:`DKN_COUNTS`.
+    ``activation``: relation -> mean |activation| [n_layers, d_ff] of its discovery queries
+    (from DKN detection); without it the matched random control is not drawn (``None``).
+    Returns the JSON-able ``{"relation_threshold", "count", "relations": {rel: {"dkn":
+    [[layer, neuron], ...], "counts": [...], "n_queries", "queries_with_dkn", "controls":
+    {"random_matched": [[layer, neuron], ...] or None, "frequent_kn": [...]}, "stability":
+    {...} (:func:`dkn_stability`), "layers": the sorted layers of the DKN and control sets
+    (what fact checking reads)}}}``; a statistics table with one row per relation
+    (n_queries, mean_kn, mean_pairs, queries_with_dkn, n_dkn, mean_base_prob, stability,
+    stability_low, stability_high, stable); and the layer distribution of the DKN sets
+    (relation, layer, n_dkn).
     """
     if count not in DKN_COUNTS:
         raise ValueError(f"unknown DKN count {count!r}; expected one of {DKN_COUNTS}")
@@ -208,28 +302,57 @@ def aggregate_relations(query_dkn: pd.DataFrame, relation_threshold: float,
     for relation, group in query_dkn.groupby("relation", sort=True):
         members = [list(zip(ls, ns)) for ls, ns in zip(group["dkn_layers"], group["dkn_neurons"])]
         if count == "query":
-            kept, counts = relation_dkn(members, relation_threshold)
+            counted = members
         else:
-            pair_members = [[(layer, neuron) for ls, ns in zip(pls, pns)
-                             for layer, neuron in zip(ls, ns)]
-                            for pls, pns in zip(group["pair_layers"], group["pair_neurons"])]
-            kept, counts = relation_dkn(pair_members, relation_threshold, distinct=False)
+            counted = [[(layer, neuron) for ls, ns in zip(pls, pns)
+                        for layer, neuron in zip(ls, ns)]
+                       for pls, pns in zip(group["pair_layers"], group["pair_neurons"])]
+        kept, counts = relation_dkn(counted, relation_threshold, distinct=count == "query")
+        query_kn = [list(zip(ls, ns)) for ls, ns in zip(group["kn_layers"], group["kn_neurons"])]
+        frequent = frequent_kn_control(query_kn, kept)
+        matched = None
+        if activation is not None and relation in activation:
+            relation_kn = {n for kn in query_kn for n in kn}
+            matched = matched_random_control(
+                kept, activation[relation], relation_kn,
+                seeded_rng("dkn-control", seed, relation))
+        stability = dkn_stability(counted, relation_threshold, count == "query", kept,
+                                  n_boot=n_boot, seed=int.from_bytes(
+                                      seeded_rank("dkn-stability", seed, relation)[:4],
+                                      "little"))
+        if kept and not stability["stable"]:
+            log.warning("WARNING: relation %s: the DKN set is unstable over its %d discovery "
+                        "queries (bootstrap Jaccard %.2f [%.2f, %.2f] < %.1f)", relation,
+                        len(group), stability["jaccard"], stability["jaccard_low"],
+                        stability["jaccard_high"], STABILITY_WARNING)
+        used = {int(layer) for layer, _ in [*kept, *frequent, *(matched or [])]}
         with_dkn = int(sum(1 for m in members if len(m)))
         relations[relation] = {
             "dkn": [[layer, neuron] for layer, neuron in kept],
             "counts": [counts[neuron] for neuron in kept],
             "n_queries": int(len(group)),
             "queries_with_dkn": with_dkn,
+            "controls": {"random_matched": None if matched is None else
+                         [[layer, neuron] for layer, neuron in matched],
+                         "frequent_kn": [[layer, neuron] for layer, neuron in frequent]},
+            "stability": stability,
+            "layers": sorted(used),
         }
         stats.append(dict(relation=relation, n_queries=int(len(group)),
                           mean_kn=float(np.mean([len(k) for k in group["kn_layers"]])),
                           mean_pairs=float(np.mean([len(p) for p in group["pair_layers"]])),
                           queries_with_dkn=with_dkn, n_dkn=len(kept),
-                          mean_base_prob=float(group["base_prob"].mean())))
+                          mean_base_prob=float(group["base_prob"].mean()),
+                          stability=stability["jaccard"],
+                          stability_low=stability["jaccard_low"],
+                          stability_high=stability["jaccard_high"],
+                          stable=stability["stable"]))
         for layer, n in sorted(Counter(layer for layer, _ in kept).items()):
             layers.append(dict(relation=relation, layer=int(layer), n_dkn=int(n)))
     summary = {"relation_threshold": relation_threshold, "count": count, "relations": relations}
     stats_df = pd.DataFrame(stats, columns=["relation", "n_queries", "mean_kn", "mean_pairs",
-                                            "queries_with_dkn", "n_dkn", "mean_base_prob"])
+                                            "queries_with_dkn", "n_dkn", "mean_base_prob",
+                                            "stability", "stability_low", "stability_high",
+                                            "stable"])
     layers_df = pd.DataFrame(layers, columns=["relation", "layer", "n_dkn"])
     return summary, stats_df, layers_df

@@ -33,7 +33,7 @@ VERSIONS = {
     "data": 1,
     "toy": 2,  # = kneurons.toy.TOY_VERSION
     "attribution": 2,  # 2: scores stored as float32
-    "dkn": 2,  # 2: calibration facts excluded; neurons.dkn_count
+    "dkn": 3,  # 2: calibration facts excluded; neurons.dkn_count; 3: controls, stability
     "factcheck": 2,  # 2: λ settings, both populations, dropped facts counted
     "likn": 2,
     "localization": 1,

@@ -52,6 +52,7 @@ rule aggregate_dkn:
         science={
             "relation_threshold": config["neurons"]["relation_threshold"],
             "dkn_count": config["neurons"]["dkn_count"],
+            "seed": config["seed"],
             "version": VERSIONS["dkn"],
         },
     script:
