@@ -323,3 +323,34 @@ def test_calibration_slice_is_a_seeded_aligned_share_of_discovery(corrupted_samp
     assert not none["calibration"].any()
     with pytest.raises(ValueError, match="calibration_fraction"):
         mark_calibration(splits, 1.5, seed=0)
+
+
+def test_split_by_size_takes_counts_per_relation_and_leaves_small_relations_out(
+        corrupted_sample, caplog):
+    from kneurons.facts import SplitSizes
+
+    sizes = SplitSizes(discovery=20, calibration=5, evaluation=15)  # 40 of each 50-fact relation
+    splits = split_facts(corrupted_sample, 0.8, seed=1, sizes=sizes)
+    splits = mark_calibration(splits, 0.25, seed=1, sizes=sizes)
+    for lang, parts in splits.items():
+        disc, ev = parts["discovery"], parts["evaluation"]
+        assert (disc.groupby("relation").size() == 25).all()
+        assert (disc.groupby("relation")["calibration"].sum() == 5).all()
+        assert (ev.groupby("relation").size() == 15).all()
+        assert not set(disc["uuid"]) & set(ev["uuid"])
+    # the first ranked facts are the fraction split's first ones too (one ranking)
+    by_fraction = split_facts(corrupted_sample, 0.5, seed=1)
+    assert set(splits["en"]["discovery"]["uuid"]) <= set(by_fraction["en"]["discovery"]["uuid"])
+    report = split_report(splits, corrupted_sample)
+    assert report["en"]["unused"] == 10 * len(set(corrupted_sample["en"]["relation"]))
+    assert report["en"]["calibration"]["facts"] == 5 * len(report["en"]["discovery"]["per_relation"])
+    # a relation smaller than the sum is left out of both parts, with a warning
+    big = SplitSizes(discovery=40, calibration=5, evaluation=10)
+    left = split_facts(corrupted_sample, 0.8, seed=1, sizes=big)
+    assert left["en"]["discovery"].empty and left["en"]["evaluation"].empty
+    assert "left out of the split" in caplog.text
+    assert split_report(left, corrupted_sample)["en"]["relations_left_out"] == sorted(
+        set(corrupted_sample["en"]["relation"]))
+    with pytest.raises(ValueError, match="evaluation"):
+        SplitSizes(discovery=1, calibration=0, evaluation=0)
+    assert SplitSizes.of({"discovery": 1, "calibration": 0, "evaluation": 1}).total == 2

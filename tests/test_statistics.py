@@ -137,3 +137,24 @@ def test_pvalues_and_jaccard():
     assert math.isnan(st.pvalue(math.nan, np.array([1.0])))
     assert st.one_sided_pvalue(1.0, np.array([0.0, 2.0]), greater=False) == pytest.approx(2 / 3)
     assert st.jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3) and st.jaccard([], []) == 1.0
+
+
+def test_paired_sample_size_by_hand_and_by_simulation():
+    # (1.96 + 0.8416)^2 (0.15 - 0.01) / 0.01 = 109.9 -> 110; with 28 % discordance 212
+    assert st.paired_sample_size(0.1, 0.15) == 110
+    assert st.paired_sample_size(0.1, 0.28) == 212
+    with pytest.raises(ValueError):
+        st.paired_sample_size(0.3, 0.2)
+    # simulated: with that many facts the swap test finds the difference about 80 % of times
+    rng = np.random.default_rng(5)
+    n, found, reps = st.paired_sample_size(0.1, 0.2), 0, 150
+    for rep in range(reps):
+        # per fact: a right, b wrong (p10), a wrong, b right (p01), discordance 0.2, delta 0.1
+        u = rng.random(n)
+        a = (u < 0.15) | (u >= 0.2)            # right on 85 % (p10 = 0.15 + concordant)
+        b = (u >= 0.15)                        # right on 85 %... shifted: p01 = 0.05
+        b = np.where(u >= 0.2, a, b)           # concordant part equal
+        _, p = st.swap_test(lambda x, rows: float(x[rows].mean()), a.astype(float),
+                            b.astype(float), np.arange(n), n_perm=200, seed=rep)
+        found += p < 0.05
+    assert 0.65 <= found / reps <= 0.95

@@ -35,8 +35,15 @@ language. ``n_discovery = round(n * discovery_fraction)`` (Python ``round``: hal
 clamped to ``[1, n - 1]`` when ``n >= 2`` so both parts get facts; a relation with one
 fact gets it in discovery if the rounding gives 1, else in evaluation.
 
+**Split by size** (``sizes``, :class:`SplitSizes`): instead of the fractions, per relation the
+first ``discovery + calibration`` uuids of the same ranking go to ``discovery`` (of which
+``calibration`` are marked, below) and the next ``evaluation`` to ``evaluation``; the rest are
+unused. A relation with fewer facts than the sum is left out of both parts (warned and counted
+in the split report), so every relation is measured with the same numbers; docs/method.md
+("Power") says how to choose them.
+
 **Calibration slice** (:func:`mark_calibration`): a ``calibration`` column marks, per
-relation, a seeded share of the discovery part (same ranking scheme, purpose
+relation, a seeded share (or, with sizes, a seeded number) of the discovery part (same ranking scheme, purpose
 ``"calibration"``, aligned across languages). Fact checking may tune its threshold on
 these facts; it never looks at the evaluation part for that. DKN detection and aggregation
 leave these facts out (:mod:`kneurons.dkn`), so the DKN are not fitted to the facts the
@@ -46,7 +53,10 @@ threshold is tuned on.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -58,6 +68,32 @@ CORRUPT_REQUIRED = ("uuid", "lineid", "relation", "sub_uri", "obj_uri", "obj_lab
 SPLIT_REQUIRED = ("uuid", "lineid", "relation", "template", "sub_uri", "sub_label",
                   "obj_uri", "obj_label", "wrong_obj_uri", "wrong_obj_label")
 SORT_KEYS = ["relation", "lineid"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    """Facts per relation: ``discovery`` (DKN-discovery queries: the discovery part without
+    its calibration slice), ``calibration`` (the calibration slice) and ``evaluation``."""
+
+    discovery: int
+    calibration: int
+    evaluation: int
+
+    def __post_init__(self) -> None:
+        for name, low in (("discovery", 1), ("calibration", 0), ("evaluation", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"split size {name} must be an integer >= {low}, got {value!r}")
+
+    @classmethod
+    def of(cls, sizes: "SplitSizes | Mapping | None") -> "SplitSizes | None":
+        return sizes if sizes is None or isinstance(sizes, cls) else cls(**sizes)
+
+    @property
+    def total(self) -> int:
+        return self.discovery + self.calibration + self.evaluation
 
 
 def corrupt_facts(tables: dict[str, pd.DataFrame], seed: int) -> dict[str, pd.DataFrame]:
@@ -190,22 +226,27 @@ def corruption_report(tables_before: dict[str, pd.DataFrame],
 
 
 def split_facts(tables: dict[str, pd.DataFrame], discovery_fraction: float = 0.8,
-                seed: int = 0) -> dict[str, dict[str, pd.DataFrame]]:
+                seed: int = 0, sizes: SplitSizes | Mapping | None = None
+                ) -> dict[str, dict[str, pd.DataFrame]]:
     """Split each relation's facts into ``discovery`` and ``evaluation`` (module docstring).
 
     Args:
         tables: ``{lang: corrupted facts}`` with at least the columns in
             :data:`SPLIT_REQUIRED` and unique uuids; every column is kept.
         discovery_fraction: share of each relation's uuids in discovery, in (0, 1); the
-            authors' code uses 0.8.
+            authors' code uses 0.8. Ignored when ``sizes`` are given.
         seed: non-negative int.
+        sizes: facts per relation (:class:`SplitSizes` or a mapping with its fields), or
+            None for the fractions.
 
     Returns:
         ``{lang: {"discovery": df, "evaluation": df}}``, each sorted by relation then lineid
         with a fresh RangeIndex.
     """
     _check_seed(seed)
-    if isinstance(discovery_fraction, bool) or not 0.0 < float(discovery_fraction) < 1.0:
+    sizes = SplitSizes.of(sizes)
+    if sizes is None and (isinstance(discovery_fraction, bool)
+                          or not 0.0 < float(discovery_fraction) < 1.0):
         raise ValueError(f"discovery_fraction must be in (0, 1), got {discovery_fraction!r}")
     facts = _stack(tables, SPLIT_REQUIRED)
     triples = _uuid_triples(facts)
@@ -214,26 +255,42 @@ def split_facts(tables: dict[str, pd.DataFrame], discovery_fraction: float = 0.8
     for uuid, (rel, _sub, _obj) in triples.items():
         by_relation[rel].append(uuid)
     discovery: set[str] = set()
-    for rel, uuids in by_relation.items():
+    evaluation: set[str] = set()
+    for rel, uuids in sorted(by_relation.items()):
         ranked = sorted(uuids, key=lambda u: (_digest("split", seed, u), u))
-        discovery.update(ranked[:discovery_count(len(ranked), discovery_fraction)])
+        if sizes is None:
+            k = discovery_count(len(ranked), discovery_fraction)
+            discovery.update(ranked[:k])
+            evaluation.update(ranked[k:])
+        elif len(ranked) < sizes.total:
+            log.warning("WARNING: relation %s left out of the split: %d facts, fewer than the "
+                        "%d of split.sizes", rel, len(ranked), sizes.total)
+        else:
+            k = sizes.discovery + sizes.calibration
+            discovery.update(ranked[:k])
+            evaluation.update(ranked[k:k + sizes.evaluation])
 
     out = {}
     for lang, table in tables.items():
-        in_discovery = table["uuid"].map(lambda u: u in discovery).astype(bool)
+        masks = (table["uuid"].isin(discovery).to_numpy(bool),
+                 table["uuid"].isin(evaluation).to_numpy(bool))
         out[lang] = {part: table[mask].sort_values(SORT_KEYS, kind="stable")
                      .reset_index(drop=True)
-                     for part, mask in zip(PARTS, (in_discovery, ~in_discovery))}
+                     for part, mask in zip(PARTS, masks)}
     return out
 
 
 def mark_calibration(splits: dict[str, dict[str, pd.DataFrame]], calibration_fraction: float,
-                     seed: int) -> dict[str, dict[str, pd.DataFrame]]:
+                     seed: int, sizes: SplitSizes | Mapping | None = None
+                     ) -> dict[str, dict[str, pd.DataFrame]]:
     """Add a bool ``calibration`` column: per relation, ``round(n * calibration_fraction)``
     discovery facts (at least one when the fraction is positive and the relation has
-    discovery facts) are True, the same uuids in every language; evaluation rows are False."""
+    discovery facts), or ``sizes.calibration`` of them, are True, the same uuids in every
+    language; evaluation rows are False."""
     _check_seed(seed)
-    if isinstance(calibration_fraction, bool) or not 0.0 <= float(calibration_fraction) <= 1.0:
+    sizes = SplitSizes.of(sizes)
+    if sizes is None and (isinstance(calibration_fraction, bool)
+                          or not 0.0 <= float(calibration_fraction) <= 1.0):
         raise ValueError(f"calibration_fraction must be in [0, 1], got {calibration_fraction!r}")
     by_relation: dict[str, set[str]] = defaultdict(set)
     for parts in splits.values():
@@ -242,9 +299,12 @@ def mark_calibration(splits: dict[str, dict[str, pd.DataFrame]], calibration_fra
     chosen: set[str] = set()
     for uuids in by_relation.values():
         ranked = sorted(uuids, key=lambda u: (_digest("calibration", seed, u), u))
-        k = round(len(ranked) * calibration_fraction)
-        if calibration_fraction > 0:
-            k = max(k, 1)
+        if sizes is not None:
+            k = sizes.calibration
+        else:
+            k = round(len(ranked) * calibration_fraction)
+            if calibration_fraction > 0:
+                k = max(k, 1)
         chosen.update(ranked[:k])
     return {lang: {"discovery": parts["discovery"].assign(
                        calibration=parts["discovery"]["uuid"].isin(chosen).astype(bool)),
@@ -260,14 +320,31 @@ def discovery_count(n: int, discovery_fraction: float) -> int:
     return int(k)
 
 
-def split_report(splits: dict[str, dict[str, pd.DataFrame]]) -> dict:
+def split_report(splits: dict[str, dict[str, pd.DataFrame]],
+                 tables: dict[str, pd.DataFrame] | None = None) -> dict:
     """Counts per language, part and relation: ``{lang: {part: {"facts": n,
-    "per_relation": {rel: n}}}}`` (JSON-able)."""
-    return {lang: {part: {"facts": len(parts[part]),
-                          "per_relation": {rel: int(n) for rel, n in
-                                           parts[part].groupby("relation").size().items()}}
-                   for part in PARTS}
-            for lang, parts in sorted(splits.items())}
+    "per_relation": {rel: n}}}}`` (JSON-able), with ``calibration`` counts per relation where
+    the column is set; given the input ``tables``, also the facts in neither part
+    (``unused``) and the relations left out entirely (``relations_left_out``)."""
+    out: dict = {}
+    for lang, parts in sorted(splits.items()):
+        out[lang] = {part: {"facts": len(parts[part]),
+                            "per_relation": {rel: int(n) for rel, n in
+                                             parts[part].groupby("relation").size().items()}}
+                     for part in PARTS}
+        disc = parts["discovery"]
+        if "calibration" in disc:
+            out[lang]["calibration"] = {
+                "facts": int(disc["calibration"].sum()),
+                "per_relation": {rel: int(n) for rel, n in
+                                 disc.groupby("relation")["calibration"].sum().items()}}
+        if tables is not None and lang in tables:
+            used = set(disc["uuid"]) | set(parts["evaluation"]["uuid"])
+            table = tables[lang]
+            kept = set(disc["relation"]) | set(parts["evaluation"]["relation"])
+            out[lang]["unused"] = int((~table["uuid"].isin(used)).sum())
+            out[lang]["relations_left_out"] = sorted(set(table["relation"]) - kept)
+    return out
 
 
 # --- internals -----------------------------------------------------------------------------

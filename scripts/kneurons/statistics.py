@@ -169,3 +169,17 @@ def proportion(values: np.ndarray) -> float:
     """Mean of a boolean array; NaN when empty."""
     values = np.asarray(values)
     return float(values.mean()) if len(values) else math.nan
+
+
+def paired_sample_size(delta: float, discordance: float, *, alpha: float = 0.05,
+                       power: float = 0.8) -> int:
+    """Facts needed to detect a difference ``delta`` between two methods judged on the same
+    facts (two-sided test at ``alpha`` with ``power``), when a share ``discordance`` of the
+    facts is judged differently by the two (normal approximation of the paired difference of
+    proportions: n = (z_{1-alpha/2} + z_{power})^2 (discordance - delta^2) / delta^2)."""
+    from scipy.stats import norm
+
+    if not 0 < abs(delta) <= discordance <= 1:
+        raise ValueError("need 0 < |delta| <= discordance <= 1")
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
+    return int(math.ceil(z * z * (discordance - delta * delta) / (delta * delta)))

@@ -86,6 +86,7 @@ rule split_facts:
             "languages": LANGUAGES,
             "discovery_fraction": config["split"]["discovery_fraction"],
             "calibration_fraction": config["split"]["calibration_fraction"],
+            "sizes": config["split"]["sizes"],
             "seed": config["seed"],
             "version": VERSIONS["data"],
         },
