@@ -58,12 +58,13 @@ def test_default_dry_run_plans_every_stage():
     assert counts["report_likn"] == 1
 
 
-@pytest.mark.skipif(not (REPO.parent / "shared/data/mlama-en-zh/mlama1.1").is_dir(),
-                    reason="the complete mLAMA en/zh copy ../shared/data/mlama-en-zh is absent")
-def test_paper_config_plans_without_toy_models():
+def test_paper_config_plans_without_toy_models_or_our_data_folder():
+    """A user's checkout: the official archive is the source (downloaded, verified file by
+    file against resources/mlama1.1-en-zh.sha256), no folder outside the repository."""
     result = snakemake("-n", "--forceall", "--cores", "1", "--configfile", "configs/paper.yaml")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
+    assert counts["download_mlama"] == 1
     assert "train_toy_model" not in counts  # the default's toy models are not merged in
     # m-bert and m-gpt on en and zh, bert and gpt2 on en: 6 pairs, 2 parts, 16 shards
     assert counts["attribute_shard"] == 6 * 2 * 16
@@ -77,7 +78,9 @@ def test_paper_config_plans_without_toy_models():
         ({"attribution": {"steps": "many"}}, "many"),
         ({"neurons": {"max_kn": 500}}, "max_kn"),
         ({"models": {"x": {"toy": True, "arch": "masked", "languages": ["fr"]}}}, "models.x.languages"),
-        ({"mlama": {"source": "https://example.org/mlama1.1.zip"}}, "sha256"),
+        # a URL needs the archive's sha256 where the shipped list does not cover a language
+        ({"mlama": {"source": "https://example.org/mlama1.1.zip",
+                    "languages": ["en", "zh", "fr"]}}, "sha256"),
         ({"likn": {"edit_samples": 3}}, "edit_samples"),
         ({"likn": {"edit_sample": 0}}, "edit_sample"),
         ({"factcheck": {"threshold": "auto"}}, "threshold"),  # now factcheck.thresholds

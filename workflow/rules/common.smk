@@ -60,9 +60,10 @@ def _check_config():
         )
     source = config["mlama"]["source"]
     if is_url(source):
-        if not config["mlama"]["sha256"]:
+        if not config["mlama"]["sha256"] and mlama_checksums() is None:
             raise ValueError(
-                "config: mlama.sha256 is required when mlama.source is a URL"
+                "config: mlama.sha256 is required when mlama.source is a URL and "
+                f"mlama.languages {LANGUAGES} are not all covered by {MLAMA_CHECKSUMS}"
             )
     elif not Path(source).exists():
         raise ValueError(f"config: mlama.source {source!r} does not exist")
@@ -84,6 +85,18 @@ def _check_config():
             raise ValueError(
                 f"config: models.{alias}.hf_id {hf_id!r} is a local path that does not exist"
             )
+
+
+MLAMA_CHECKSUMS = Path(workflow.basedir) / "resources" / "mlama1.1-en-zh.sha256"
+
+
+def mlama_checksums():
+    """The shipped SHA-256 list of mLAMA 1.1's en/zh files, where it covers every language of
+    the run (a download is then verified file by file), else None."""
+    from kneurons.download import covered_languages
+
+    covered = covered_languages(MLAMA_CHECKSUMS)
+    return str(MLAMA_CHECKSUMS) if set(LANGUAGES) <= covered else None
 
 
 def is_url(source):

@@ -13,6 +13,9 @@ rule download_mlama:
         science={
             "url": config["mlama"]["source"],
             "sha256": config["mlama"]["sha256"],
+            # the shipped SHA-256 of every en/zh file, where they cover the run's languages
+            "checksums": mlama_checksums(),
+            "languages": LANGUAGES,
         },
     script:
         "../../scripts/download_mlama.py"
