@@ -94,3 +94,49 @@ def test_coercion_follows_arrays_and_schema_branches():
     config = {"thresholds": ["0.5", "auto", "1e-3", "nan"], "sizes": {"a": "3", "b": "x"}}
     coerce_strings(config, schema)
     assert config == {"thresholds": [0.5, "auto", 0.001, "nan"], "sizes": {"a": 3, "b": "x"}}
+
+
+def test_a_schema_violation_is_one_paragraph_naming_the_key():
+    from kneurons.config import schema_error
+
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert schema_error(base, SCHEMA) is None
+    msg = schema_error({**base, "bogus": 1}, SCHEMA)
+    assert msg.startswith("config: unknown key 'bogus' in the top level; allowed there:")
+    assert "attribution" in msg and "seed" in msg and "\n" not in msg
+    msg = schema_error({**base, "attribution": {"stepz": 3}}, SCHEMA)
+    assert "'stepz' in attribution" in msg and "steps" in msg
+    msg = schema_error({**base, "attribution": {"steps": 0}}, SCHEMA)
+    assert msg.startswith("config: attribution.steps: 0 is less than the minimum of 1")
+
+
+def test_an_unknown_key_on_the_command_line_prints_a_paragraph_not_the_schema():
+    import subprocess
+    import sys
+
+    result = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--cores",
+                             "1", "--config", "bogus=1"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "unknown key 'bogus'" in out
+    assert len(out.splitlines()) < 15  # was 1184 lines: the whole schema
+
+
+def test_an_unsupported_architecture_is_refused_at_plan_time(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "phi"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "phi"}')
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["mlama"]["source"] = str(REPO / config["mlama"]["source"])
+    config["models"] = {"my-phi": {"hf_id": str(folder), "arch": "causal", "languages": ["en"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "1",
+                             "--configfile", str(tmp_path / "c.yaml")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "models.my-phi" in out and "model_type 'phi' is not supported" in out
+    assert "gemma3_text" in out and "rule prepare_mlama" not in out

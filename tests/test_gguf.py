@@ -160,10 +160,10 @@ def test_masked_arch_mismatch(tiny_gguf, tmp_path):
 
 
 def test_unsupported_model_type(tiny_gguf, tmp_path, monkeypatch):
-    import kneurons.gguf as kgguf
+    import kneurons.models as kmodels  # the one registry, also for GGUF imports
 
-    monkeypatch.setattr(kgguf, "ARCHITECTURES", {k: v for k, v in kgguf.ARCHITECTURES.items()
-                                                 if k != "llama"})
+    monkeypatch.setattr(kmodels, "ARCHITECTURES", {k: v for k, v in kmodels.ARCHITECTURES.items()
+                                                   if k != "llama"})
     msg = _fails(tmp_path, {"file": str(tiny_gguf)})
     assert "model_type 'llama' is not supported" in msg and "gemma3_text" in msg
 
@@ -204,3 +204,50 @@ def test_package_sources_shipped_whole_and_in_chunks(tiny_gguf, source_lm, tmp_p
         lm = load_model(str(out), "causal")
         torch.testing.assert_close(_logits(lm, PROMPTS[0]), _logits(source_lm, PROMPTS[0]),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_truncated_gguf_is_named_with_both_sizes_before_transformers_reads_it(tiny_gguf,
+                                                                               tmp_path):
+    from kneurons.gguf import gguf_header
+
+    header = gguf_header(tiny_gguf)
+    assert header["architecture"] == "llama" and header["model_type"] == "llama"
+    assert header["expected_bytes"] <= header["file_bytes"] == tiny_gguf.stat().st_size
+    files = tmp_path / "files"
+    files.mkdir()
+    cut = files / "cut.gguf"
+    data = tiny_gguf.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GGUFSourceError, match=rf"cut.gguf is truncated or corrupt: its "
+                                              rf"tensors need {header['expected_bytes']} bytes, "
+                                              rf"the file has {len(data) // 2}"):
+        gguf_header(cut)
+    run = tmp_path / "run"
+    run.mkdir()
+    msg = _fails(run, {"file": str(cut)})  # the import says so too, and leaves nothing
+    assert "truncated or corrupt" in msg and "reshape" not in msg
+    stub = files / "stub.gguf"
+    stub.write_bytes(data[:40])
+    with pytest.raises(GGUFSourceError, match="header is truncated or corrupt"):
+        gguf_header(stub)
+
+
+def test_plan_time_gguf_lookup_needs_no_assembly(tiny_gguf):
+    from kneurons.gguf import plan_gguf
+
+    assert plan_gguf({"file": str(tiny_gguf)}, "models.x.gguf") == tiny_gguf
+    with pytest.raises(GGUFSourceError, match="does not exist"):
+        plan_gguf({"file": "/no/such.gguf"}, "models.x.gguf")
+
+
+def test_a_truncated_gguf_is_refused_when_the_plan_is_made(tiny_gguf, tmp_path):
+    from kneurons.config import check_models
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:5_000])
+    good = {"arch": "causal", "languages": ["en"], "gguf": {"file": str(tiny_gguf)}}
+    check_models({"ok": good})
+    with pytest.raises(GGUFSourceError, match="cut.gguf .*truncated or corrupt"):
+        check_models({"bad": {**good, "gguf": {"file": str(cut)}}})
+    with pytest.raises(UnsupportedArchitecture, match="models.ok .* is a causal LM"):
+        check_models({"ok": {**good, "arch": "masked"}})

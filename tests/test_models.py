@@ -137,3 +137,22 @@ def test_a_jobs_model_params_load_the_model(tmp_path, monkeypatch):
     loaded = load_job_model(params)
     assert loaded.spec.model_type == "gpt2" and loaded.device.type == "cpu"
     assert (loaded.n_layers, loaded.d_ff) == (lm.n_layers, lm.d_ff)
+
+
+def test_a_sources_model_type_is_read_without_loading(tmp_path):
+    from kneurons.models import UnsupportedArchitecture, check_model_type, source_model_type
+
+    folder = tmp_path / "phi"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "phi"}')
+    assert source_model_type(str(folder)) == "phi"
+    assert source_model_type(str(tmp_path / "empty")) is None  # nothing local: checked later
+    assert source_model_type("no-such-org/no-such-model-kneurons") is None  # not in the cache
+    import pytest
+
+    with pytest.raises(UnsupportedArchitecture, match=r"models.my-phi: model_type 'phi' is "
+                                                      r"not supported; supported .*gpt2"):
+        check_model_type("phi", "causal", "models.my-phi")
+    with pytest.raises(UnsupportedArchitecture, match="is a causal LM, but its arch is 'masked'"):
+        check_model_type("gpt2", "masked", "models.g")
+    assert check_model_type("bert", "masked", "x").model_type == "bert"

@@ -140,3 +140,50 @@ def check_relations(requested: list[str], found: Mapping[str, list[str]]) -> Non
             raise ConfigError(
                 f"config: mlama.relations has {missing}, not in the source's {lang}/ "
                 f"(it has: {', '.join(sorted(relations)) or 'none'})")
+
+
+def check_models(models: Mapping[str, Mapping]) -> None:
+    """Refuse, when the plan is made, a model whose architecture the registry does not support
+    (or whose GGUF file is truncated): a local folder's or cached hub model's config.json, a
+    GGUF file's header. Toy models, hub models not in the local cache and GGUF files a package
+    assembles from chunks are checked by the job that loads or imports them."""
+    from .models import check_model_type, source_model_type
+
+    for alias, spec in models.items():
+        if spec.get("toy"):
+            continue
+        what = f"models.{alias}"
+        if spec.get("gguf"):
+            from .gguf import gguf_header, plan_gguf
+
+            path = plan_gguf(spec["gguf"], f"{what}.gguf")
+            if path is not None:
+                model_type = gguf_header(path)["model_type"]
+                check_model_type(model_type, spec["arch"], f"{what} ({path})")
+            continue
+        model_type = source_model_type(spec["hf_id"], spec.get("revision"))
+        if model_type is not None:
+            check_model_type(model_type, spec["arch"], f"{what} ({spec['hf_id']})")
+
+
+def schema_error(config: Any, schema: Mapping) -> str | None:
+    """One paragraph on the config's most relevant schema violation, naming the key, what is
+    wrong and, for an unknown key, the keys allowed there (instead of the whole schema that
+    Snakemake's validation prints); None when the config is valid."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    error = best_match(Draft202012Validator(schema).iter_errors(config))
+    if error is None:
+        return None
+    key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed)) if isinstance(
+            error.instance, Mapping) else []
+        where = "the top level" if key == "(top level)" else key
+        return (f"config: unknown key{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(repr(u) for u in unknown)} in {where}; allowed there: "
+                f"{', '.join(allowed) if allowed else '(any name)'} "
+                "(docs/configuration.md lists every key)")
+    return f"config: {key}: {error.message} (docs/configuration.md lists every key)"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .io import file_sha256
-from .models import ARCHITECTURES, UnsupportedArchitecture
+from .models import check_model_type
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +123,66 @@ def verify_sha256(path: Path, expected: str | None, key: str) -> str:
 
 def check_architecture(model_type: str, arch: str, key: str) -> None:
     """The GGUF's model_type must be in the registry and fit the config's ``arch``."""
-    spec = ARCHITECTURES.get(model_type)
-    if spec is None:
-        raise UnsupportedArchitecture(
-            f"config: {key}: the GGUF's model_type {model_type!r} is not supported; supported "
-            f"model_type values: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    if arch not in spec.kinds:
-        raise UnsupportedArchitecture(
-            f"config: {key}: the GGUF's model_type {model_type!r} is a "
-            f"{'/'.join(sorted(spec.kinds))} LM, but the model's arch is {arch!r}"
-        )
+    check_model_type(model_type, arch, f"config: {key}: the GGUF's")
+
+
+# GGUF ``general.architecture`` -> Hugging Face ``model_type`` where they differ (transformers
+# maps them when it loads the file; the plan-time check needs no loading)
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+
+
+def gguf_header(path: str | Path) -> dict:
+    """The GGUF file's ``architecture``, its Hugging Face ``model_type`` and the bytes its
+    tensors need (``expected_bytes``) against what the file has (``file_bytes``), from the
+    header alone (no tensor is read). A truncated or corrupt file is a GGUFSourceError naming
+    both sizes, before transformers reads it."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class _Header(GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # sizes only, no tensor views
+            end = start_offs
+            for field in fields:
+                dims, raw_dtype, offset = field.parts[3], field.parts[4], field.parts[5]
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+                n_bytes = int(np.prod(dims)) * type_size // block
+                end = max(end, start_offs + int(offset[0]) + n_bytes)
+            self.expected_bytes = end
+
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        header = _Header(str(path))
+        field = header.get_field("general.architecture")
+        architecture = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception as err:  # noqa: BLE001 (any parse failure is a broken file)
+        raise GGUFSourceError(f"{path} is not a readable GGUF file ({size} bytes): the header "
+                              f"is truncated or corrupt ({type(err).__name__}: {err})") from err
+    if size < header.expected_bytes:
+        raise GGUFSourceError(f"{path} is truncated or corrupt: its tensors need "
+                              f"{header.expected_bytes} bytes, the file has {size}")
+    return {"architecture": architecture,
+            "model_type": GGUF_MODEL_TYPES.get(architecture, architecture),
+            "expected_bytes": int(header.expected_bytes), "file_bytes": int(size)}
+
+
+def plan_gguf(source: dict, key: str) -> Path | None:
+    """The source's GGUF file where it can be found without side effects at plan time (a
+    file on disk, or a package that ships it whole); None for a package that must assemble it
+    from chunks (it is checked when the import job assembles it)."""
+    if "package" not in source:
+        return locate_gguf(source, key, Path(tempfile.gettempdir()))
+    try:
+        dist = importlib.metadata.distribution(source["package"])
+    except importlib.metadata.PackageNotFoundError:
+        return locate_gguf(source, key, Path(tempfile.gettempdir()))  # its error names the fix
+    for entry in dist.files or []:
+        if entry.name == source["file"]:
+            path = Path(dist.locate_file(entry))
+            if path.is_file():
+                return path
+    return None
 
 
 @contextmanager
@@ -166,6 +215,7 @@ def import_gguf(source: dict, arch: str, output: str | Path, *, key: str = "gguf
     with tempfile.TemporaryDirectory(prefix="kneurons-gguf-") as work, _staging(output) as tmp:
         path = locate_gguf(source, key, Path(work))
         sha256 = verify_sha256(path, source.get("sha256"), key)
+        gguf_header(path)  # a truncated file is named as such before transformers reads it
         folder, name = str(path.parent), path.name
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
         check_architecture(config.model_type, arch, key)

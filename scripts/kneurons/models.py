@@ -269,6 +269,42 @@ def load_model(source: str, arch: str, *, revision: str | None = None,
     return wrap_model(model, tokenizer, arch, device=device)
 
 
+def source_model_type(source: str, revision: str | None = None) -> str | None:
+    """A model's ``config.model_type`` from its files alone, without loading it: a local
+    folder's config.json, or a hub id's config.json in the local cache (no download); None
+    when it is not available locally (the job that loads the model checks it then)."""
+    import json
+
+    path = Path(source).expanduser()
+    config = path / "config.json" if path.is_dir() else None
+    if config is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(source), "config.json", revision=revision)
+        except Exception:  # noqa: BLE001 (not a valid hub id)
+            cached = None
+        config = Path(cached) if isinstance(cached, str) else None
+    if config is None or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("model_type")
+
+
+def check_model_type(model_type: str, arch: str, what: str) -> ArchSpec:
+    """The registry entry of ``model_type``, which must fit ``arch``; the errors name ``what``
+    (e.g. ``models.my-phi``), the model's type and the supported ones."""
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitecture(
+            f"{what}: model_type {model_type!r} is not supported; supported model_type values: "
+            f"{', '.join(sorted(ARCHITECTURES))} (docs/real-models.md: adding an architecture)")
+    if arch not in spec.kinds:
+        raise UnsupportedArchitecture(
+            f"{what}: model_type {model_type!r} is a {'/'.join(sorted(spec.kinds))} LM, but "
+            f"its arch is {arch!r}")
+    return spec
+
+
 def load_job_model(model: Mapping[str, Any]) -> LanguageModel:
     """Load a rule's ``params.model`` (``source``, ``arch``, ``revision``,
     ``trust_remote_code``) on the device this job leases (:func:`kneurons.devices.pick_device`)."""

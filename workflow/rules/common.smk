@@ -18,13 +18,21 @@ _pythonpath = os.environ.get("PYTHONPATH", "").split(os.pathsep)
 if _pythonpath[0] != SCRIPTS:
     os.environ.update(PYTHONPATH=os.pathsep.join([SCRIPTS, *filter(None, _pythonpath)]))
 
-from kneurons.config import check_relations, check_types, coerce_strings
+from kneurons.config import (
+    check_models,
+    check_relations,
+    check_types,
+    coerce_strings,
+    schema_error,
+)
 from kneurons.mlama import relations_in
 
 SCHEMA_PATH = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
 coerce_strings(config, SCHEMA)  # nested --config values arrive as strings
-validate(config, str(SCHEMA_PATH))
+if (problem := schema_error(config, SCHEMA)) is not None:
+    raise ValueError(problem)  # one paragraph, not Snakemake's print of the whole schema
+validate(config, str(SCHEMA_PATH))  # fills in the schema's defaults
 check_types(config, SCHEMA)  # 20.0 is no integer, NaN no number
 
 # Bumped on purpose whenever a stage's results change for the same params, so that Snakemake
@@ -85,6 +93,7 @@ def _check_config():
             raise ValueError(
                 f"config: models.{alias}.hf_id {hf_id!r} is a local path that does not exist"
             )
+    check_models(MODELS)  # unsupported architectures and truncated GGUF files, at plan time
 
 
 MLAMA_CHECKSUMS = Path(workflow.basedir) / "resources" / "mlama1.1-en-zh.sha256"
