@@ -140,3 +140,30 @@ def test_an_unsupported_architecture_is_refused_at_plan_time(tmp_path):
     assert result.returncode != 0
     assert "models.my-phi" in out and "model_type 'phi' is not supported" in out
     assert "gemma3_text" in out and "rule prepare_mlama" not in out
+
+
+def test_a_dry_run_prints_no_empty_shell_commands():
+    import subprocess
+    import sys
+
+    result = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--cores",
+                             "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Shell command: None" not in result.stdout + result.stderr  # 52 lines before
+
+
+def test_other_libraries_stderr_goes_to_the_rules_log(tmp_path):
+    import subprocess
+    import sys
+
+    script = (f"import sys; sys.path.insert(0, {str(REPO / 'scripts')!r})\n"
+              "from kneurons.logs import configure\n"
+              f"configure({str(tmp_path / 'job.log')!r})\n"
+              "from tqdm import tqdm\n"
+              "for _ in tqdm(range(3), desc='Loading weights'): pass\n"
+              "print('a warning of some library', file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
+    log = (tmp_path / "job.log").read_text()
+    assert "Loading weights" in log and "a warning of some library" in log

@@ -10,8 +10,9 @@ from typing import TextIO
 
 def configure(log_path: str | Path | None, level: int = logging.INFO, *,
               echo_warnings: bool = False) -> TextIO:
-    """Send logging (and returned stream, for tqdm) to ``log_path``; stderr when None.
-    ``echo_warnings``: WARNINGs and worse go to stderr (Snakemake's console) as well.
+    """Send logging, the returned stream (for tqdm) and everything written to ``sys.stderr``
+    (other libraries' progress bars and warnings) to ``log_path``; stderr when None.
+    ``echo_warnings``: WARNINGs and worse go to the console (the process's stderr) as well.
 
     Returns the text stream that progress bars should write to (``tqdm(file=stream)``).
     """
@@ -24,8 +25,12 @@ def configure(log_path: str | Path | None, level: int = logging.INFO, *,
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    if log_path is not None:
+        # whatever else writes to stderr (transformers' "Loading weights" bars, library
+        # warnings) lands in the log too, not on Snakemake's console
+        sys.stderr = stream
     if echo_warnings and log_path is not None:
-        console = logging.StreamHandler(sys.stderr)
+        console = logging.StreamHandler(sys.__stderr__)
         console.setLevel(logging.WARNING)
         console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(console)
