@@ -167,3 +167,35 @@ def test_other_libraries_stderr_goes_to_the_rules_log(tmp_path):
     assert result.returncode == 0 and result.stderr == ""
     log = (tmp_path / "job.log").read_text()
     assert "Loading weights" in log and "a warning of some library" in log
+
+
+KEYWORDS = {"$schema", "description", "type", "properties", "additionalProperties", "required",
+            "default", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern",
+            "items", "minItems", "uniqueItems", "enum", "oneOf", "anyOf", "not", "const",
+            "minProperties", "propertyNames"}
+
+
+def test_every_schema_key_has_a_type_and_no_stray_keywords():
+    """A comma in a YAML flow mapping's description splits it into a stray key (it cut three
+    descriptions in docs/configuration.md short): every property has a type (or
+    alternatives) and every mapping only JSON Schema keywords."""
+    problems = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            stray = set(node) - KEYWORDS
+            if stray and where.split(".")[-1] not in ("properties",):
+                problems.append(f"{where}: {sorted(stray)}")
+            for key, value in node.items():
+                if key == "properties":
+                    for name, sub in value.items():
+                        if not ({"type", "oneOf", "anyOf", "const"} & set(sub)):
+                            problems.append(f"{where}.{name}: no type")
+                        walk(sub, f"{where}.{name}")
+                elif key in ("additionalProperties", "items", "not", "propertyNames"):
+                    walk(value, f"{where}.{key}")
+                elif key in ("oneOf", "anyOf"):
+                    for i, sub in enumerate(value):
+                        walk(sub, f"{where}.{key}[{i}]")
+    walk(SCHEMA, "schema")
+    assert problems == []
