@@ -169,3 +169,15 @@ def test_publish_renders_the_run_again_from_its_outputs(tmp_path):
     assert sorted(p.name for p in (docs / "demo" / "figures").iterdir()) == ["roc.png"]
     with pytest.raises(FileNotFoundError, match="run.json"):
         publish_results(tmp_path / "nothing", docs)
+
+
+def test_the_machine_record_names_vector_extensions_and_threads():
+    from kneurons.docs import machine_info, run_summary
+
+    info = machine_info()
+    assert isinstance(info["cpu_vector_extensions"], list) and info["torch_threads"] >= 1
+    assert info["torch_cpu_capability"]  # e.g. AVX2, AVX512
+    page = run_summary("Results", {**info, "cpu_vector_extensions": ["avx2", "fma"],
+                                   "torch_cpu_capability": "AVX2", "torch_threads": 2},
+                       [], [], {})
+    assert "vector extensions avx2, fma; torch kernels AVX2, 2 torch threads" in page

@@ -128,13 +128,40 @@ def _commit() -> str | None:
     return head + ("+changes" if dirty.strip() else "")
 
 
+# the CPU features that change which float kernels run (and so the rounding of every sum)
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    return [flag for flag in VECTOR_FLAGS if flag in flags]
+
+
+def _torch_cpu() -> dict:
+    try:
+        import torch
+    except ImportError:
+        return {}
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+    return {"torch_cpu_capability": capability, "torch_threads": torch.get_num_threads()}
+
+
 def machine_info() -> dict:
-    """The machine and software a run's numbers come from (float results differ between CPUs)."""
+    """The machine and software a run's numbers come from (float results differ between CPUs:
+    the vector extensions decide which kernels run, and the threads how sums are split)."""
     return {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "commit": _commit(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        "cpu_vector_extensions": _cpu_flags(),
+        **_torch_cpu(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in
@@ -182,10 +209,16 @@ def run_summary(title: str, info: dict, reports: list[Path], figures: list[Path]
         "",
         f"Run finished {info['date_utc']} UTC"
         + (f" with kneurons at commit {info['commit']}" if info.get("commit") else "")
-        + f", on {info['cpu']} ({info['cores']} cores), "
-        f"{info['platform']}, Python {info['python']}, {packages}. Float results differ "
-        "between CPUs (and so do the toy models trained on them): another machine gives "
-        "other numbers.",
+        + f", on {info['cpu']} ({info['cores']} cores"
+        + (f"; vector extensions {', '.join(info['cpu_vector_extensions'])}"
+           if info.get("cpu_vector_extensions") else "")
+        + (f"; torch kernels {info['torch_cpu_capability']}"
+           if info.get("torch_cpu_capability") else "")
+        + (f", {info['torch_threads']} torch threads by default; jobs use their Snakemake threads"
+           if info.get("torch_threads") else "")
+        + f"), {info['platform']}, Python {info['python']}, {packages}. Float results differ "
+        "between CPUs and thread counts (and so do the toy models trained on them): another "
+        "machine gives other numbers (docs/results/README.md, \"Between machines\").",
         "",
     ]
     wall = info.get("invocation_seconds")
