@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,14 +51,24 @@ def test_default_workflow_runs_through_sbatch(slurm_cluster, tmp_path):
     config["attribution"].update(steps=3, shards=1)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     # snakemake ignored SIGTERM when the plugin waited on a broken cluster: KILL on timeout
-    result = subprocess.run(
+    run = subprocess.Popen(
         ["timeout", "-s", "KILL", "1500", str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"),
          "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
-         "--profile", str(REPO / "profiles" / "slurm"),
+         "--workflow-profile", str(REPO / "profiles" / "slurm"),
          "--set-resources", "attribute_shard:mem_mb=1500", "detect_dkn:mem_mb=1500",
          "edit_likn:mem_mb=1500"],
-        capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # how many GPU jobs SLURM holds at once (pending or running): with a global gpu=1 cap
+    # (profiles/default next to a --profile) Snakemake submitted them one at a time
+    most = 0
+    while run.poll() is None:
+        queue = subprocess.run(["squeue", "-h", "-o", "%k"], capture_output=True, text=True)
+        most = max(most, sum(line.startswith("rule_attribute_shard")
+                             for line in queue.stdout.splitlines()))
+        time.sleep(0.5)
+    stdout, stderr = run.communicate()
+    assert run.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert most >= 2, f"at most {most} attribution job(s) in SLURM's queue at once"
     assert (workdir / "results" / "reports" / "fact_check.md").exists()
     jobs = (slurm_cluster / "log" / "jobcomp.txt").read_text().splitlines()
     # train_toy_model 2 + attribute_shard 8 + detect_dkn 4 + edit_likn 2 + localize_neurons 4
