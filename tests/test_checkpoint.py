@@ -214,3 +214,29 @@ def test_a_resumed_dkn_job_after_a_change_equals_a_clean_run(models, tmp_path, m
     log = (tmp_path / "resumed.log").read_text()
     part = {"weights": "model_weights", "attribution": "input attribution"}[change]
     assert f"{part} changed" in log
+
+
+def test_model_identity_changes_with_the_weights_and_is_cached(tmp_path):
+    import os
+
+    from kneurons import checkpoint as ck
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights one")
+    (folder / "config.json").write_text("{}")
+    cache = tmp_path / "cache.json"
+    first = ck.model_identity(folder, cache=cache)
+    assert first == ck.model_digest(folder) and cache.is_file()
+    calls = []
+    real = ck.model_digest
+    ck_digest = lambda *a, **k: calls.append(a) or real(*a, **k)  # noqa: E731
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ck, "model_digest", ck_digest)
+        assert ck.model_identity(folder, cache=cache) == first and calls == []  # cached
+        (folder / "model.safetensors").write_bytes(b"weights two")  # replaced in place
+        os.utime(folder / "model.safetensors", ns=(1, 1))
+        second = ck.model_identity(folder, cache=cache)
+    assert second != first and len(calls) == 1

@@ -140,3 +140,29 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 (not in the cache, or not a hub id)
         return None
+
+
+def model_identity(source: str | Path, revision: str | None = None, *,
+                   cache: str | Path | None = None) -> str:
+    """:func:`model_digest` for planning: the same digest, with a local folder's file
+    contents hashed again only when a file's size or modification time changed (``cache``: a
+    JSON file of earlier digests keyed by path, size and mtime; e.g. under .snakemake/), so
+    that every plan can bind the jobs to the weights they use without reading gigabytes."""
+    folder = Path(source)
+    if not folder.is_dir() or cache is None:
+        return model_digest(source, revision)
+    stamp = sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in folder.rglob("*") if p.is_file())
+    key = hashlib.sha256(json.dumps([str(folder.resolve()), stamp]).encode()).hexdigest()
+    cache = Path(cache)
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = model_digest(source, revision)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(cache)
+    return known[key]
