@@ -142,14 +142,35 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
         return None
 
 
+def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit a hub id (at ``revision``) resolves to: its snapshot in the local cache, else
+    the hub (unless ``HF_HUB_OFFLINE``); None when neither answers."""
+    snapshot = _hub_snapshot(repo_id, revision)
+    if snapshot is not None:
+        return snapshot.name  # snapshots/<commit>
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+    except Exception:  # noqa: BLE001 (no network, no such model)
+        return None
+
+
 def model_identity(source: str | Path, revision: str | None = None, *,
                    cache: str | Path | None = None) -> str:
-    """:func:`model_digest` for planning: the same digest, with a local folder's file
-    contents hashed again only when a file's size or modification time changed (``cache``: a
-    JSON file of earlier digests keyed by path, size and mtime; e.g. under .snakemake/), so
-    that every plan can bind the jobs to the weights they use without reading gigabytes."""
+    """What a plan binds a model's jobs to, so that other weights rerun them: a local folder's
+    content digest (:func:`model_digest`), its files hashed again only when a file's size or
+    modification time changed (``cache``: a JSON file of earlier digests keyed by path, size
+    and mtime; e.g. under .snakemake/), so that every plan costs no gigabytes of reading; a hub
+    id's commit (:func:`hub_commit`), or ``unresolved`` when it is neither cached nor reachable
+    (its jobs then rerun once it resolves)."""
     folder = Path(source)
-    if not folder.is_dir() or cache is None:
+    if not folder.is_dir():
+        commit = hub_commit(str(source), revision)
+        return f"hub commit {commit}" if commit else "unresolved"
+    if cache is None:
         return model_digest(source, revision)
     stamp = sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
                    for p in folder.rglob("*") if p.is_file())

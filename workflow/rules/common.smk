@@ -1,5 +1,6 @@
 # Config validation (the schema and the checks beyond it), wildcard constraints and input
 # functions.
+import functools
 import os
 import re
 import sys
@@ -184,7 +185,20 @@ def model_params(wildcards):
         "revision": spec.get("revision"),
         "trust_remote_code": spec.get("trust_remote_code", False),
         "toy": False,
+        # the weights themselves: a local folder's content digest, a hub id's commit
+        "weights": model_weights(spec["hf_id"], spec.get("revision")),
     }
+
+
+@functools.cache
+def model_weights(source, revision):
+    """A hub or local model's identity at plan time (kneurons.checkpoint.model_identity), once
+    per invocation; local digests are cached under .snakemake/ by file size and mtime."""
+    from kneurons.checkpoint import model_identity
+
+    return model_identity(
+        source, revision, cache=Path(".snakemake") / "kneurons" / "model-digests.json"
+    )
 
 
 def gguf_source(alias):
