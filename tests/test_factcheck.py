@@ -79,7 +79,7 @@ def test_dkn_scores_rejects_bad_input(records):
         dkn_scores(records, {"P36": [(2, 0)]}, N_LAYERS, D_FF)
     with pytest.raises(ValueError, match="exactly one true and one wrong"):
         dkn_scores(records.drop(index=0), DKN, N_LAYERS, D_FF)
-    with pytest.raises(ValueError, match=r"has 32 bytes of scores; expected 24 bytes"):
+    with pytest.raises(ValueError, match=r"has 32 bytes of scores; expected 24"):
         dkn_scores(records, DKN, N_LAYERS, 3)
     bad = records.copy()
     bad.loc[2, "scores"] = None
@@ -163,10 +163,13 @@ def test_fact_check_metrics_edge_cases():
     assert math.isnan(fact_check_metrics(only_true, 0.45)["with_DKN"]["auroc"])
     assert math.isnan(fact_check_metrics(only_true, 0.45)["wo_DKN"]["auroc"])
     nan_lambda = fact_check_metrics(hand_scores(), math.nan)["with_DKN"]
-    assert (nan_lambda["precision"], nan_lambda["recall"], nan_lambda["f1"]) == (0, 0, 0)
+    # nothing accepted: precision n/a (NaN, no longer 0), recall and F1 = 2TP/(2TP+FP+FN) 0
+    assert math.isnan(nan_lambda["precision"])
+    assert (nan_lambda["recall"], nan_lambda["f1"]) == (0, 0)
     assert nan_lambda["recall_wrong"] == 1.0
     empty = fact_check_metrics(hand_scores().iloc[:0], 0.45)["with_DKN"]
-    assert (empty["f1"], empty["n_true"], empty["n_facts"]) == (0.0, 0, 0)
+    # no statements: every rate is 0/0 (NaN, no longer 0)
+    assert math.isnan(empty["f1"]) and (empty["n_true"], empty["n_facts"]) == (0, 0)
     assert math.isnan(empty["auroc"])
 
 
@@ -206,7 +209,9 @@ def test_f1_curve_by_hand():
     assert curve["tp"].tolist() == [3, 2, 0]
     assert curve["fp"].tolist() == [1, 1, 0]
     assert curve["fn"].tolist() == [1, 2, 4]
-    assert curve["precision"].tolist() == pytest.approx([3 / 4, 2 / 3, 0.0])
+    # λ = 10 accepts nothing: precision n/a (NaN, no longer 0)
+    assert curve["precision"].tolist()[:2] == pytest.approx([3 / 4, 2 / 3])
+    assert math.isnan(curve["precision"].iloc[2])
     assert curve["recall"].tolist() == pytest.approx([3 / 4, 1 / 2, 0.0])
     assert curve["f1"].tolist() == pytest.approx([3 / 4, 4 / 7, 0.0])
     assert curve["f1"].iloc[1] == pytest.approx(fact_check_metrics(hand_scores(), 0.45)
@@ -223,7 +228,9 @@ def test_per_relation_metrics_by_hand():
     assert out["n"].tolist() == [2, 2, 4, 4, 2, 2]
     # P19: E correct, F not, both methods. P36: A TP, B TN, C FN, D FP, both methods.
     # P37: wo_DKN G TP, H TN; with_DKN nothing judged correct
-    assert out["precision"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
+    # P37 with_DKN accepts nothing: precision n/a (NaN, no longer 0)
+    assert out["precision"].tolist()[:5] == pytest.approx([1, 1, 0.5, 0.5, 1])
+    assert math.isnan(out["precision"].iloc[5])
     assert out["recall"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
     assert out["f1"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
     assert out["has_dkn"].tolist() == [True, True, True, True, False, False]
@@ -238,8 +245,10 @@ def test_check_facts_takes_lambda_from_the_calibration_slice_only(records):
                                 record("c2", "P36", "true", None, checked=False)])
     result = check_facts(records, calibration, DKN, N_LAYERS, D_FF, ["auto", 0.3])
     assert result["settings"] == [
-        {"setting": "auto", "threshold": pytest.approx(0.5), "threshold_source": "auto"},
-        {"setting": "0.3", "threshold": 0.3, "threshold_source": "config"}]
+        {"setting": "auto", "threshold": pytest.approx(0.5), "threshold_source": "auto",
+         "accepts_all": False},
+        {"setting": "0.3", "threshold": 0.3, "threshold_source": "config",
+         "accepts_all": False}]
     rows = {(m["setting"], m["population"]): m["metrics"] for m in result["metrics"]}
     assert sorted(rows) == [("0.3", "all_relations"), ("0.3", "dkn_relations"),
                             ("auto", "all_relations"), ("auto", "dkn_relations")]
@@ -300,7 +309,9 @@ def test_facts_without_records_are_dropped_for_both_methods_and_counted(tiny_gpt
     dkn = {"P1": [(0, 1)], "P1923": [(0, 2)]}
     result = check_facts(records, records.iloc[:0], dkn, tiny_gpt2.n_layers, tiny_gpt2.d_ff,
                          [0.0], facts)
-    assert result["dropped"] == {"n_facts": 1, "relations": ["P1923"]}
+    assert {k: result["dropped"][k] for k in ("n_facts", "relations")} == {
+        "n_facts": 1, "relations": ["P1923"]}
+    assert result["dropped"]["unconverged"] == {"n_facts": 0, "relations": []}
     for entry in result["metrics"]:
         wo, with_ = entry["metrics"]["wo_DKN"], entry["metrics"]["with_DKN"]
         assert wo["n_facts"] == with_["n_facts"] == 2
