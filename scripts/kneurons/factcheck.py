@@ -764,7 +764,8 @@ def check_facts(evaluation: pd.DataFrame, calibration: pd.DataFrame, dkn: Mappin
     converge (``unconverged``, ``calibration_unconverged``: :func:`converged_facts`);
     ``metrics`` the paper's two methods' point metrics per setting and population (as
     :func:`fact_check_metrics`, with ``n_facts_dropped``); ``rows`` and ``comparisons``
-    (:func:`table_rows`; every row with ``n_facts_dropped`` and ``n_facts_unconverged``);
+    (:func:`table_rows`; every row with ``n_facts_dropped``, ``n_facts_unconverged`` and
+    ``n_calibration_unconverged``);
     ``uncertainty`` the bootstrap and test settings; tables: the scores (with the control
     columns), the F1 curve of with_DKN over the evaluation scores at the calibration and
     evaluation candidate thresholds (column ``accepts_all``: λ below every finite score), and
@@ -784,7 +785,8 @@ def check_facts(evaluation: pd.DataFrame, calibration: pd.DataFrame, dkn: Mappin
                                 n_boot=n_boot, n_perm=n_perm)
     for row in rows:
         row.update(n_facts_dropped=dropped["n_facts"],
-                   n_facts_unconverged=unconverged["n_facts"])
+                   n_facts_unconverged=unconverged["n_facts"],
+                   n_calibration_unconverged=calibration_unconverged["n_facts"])
         if row["accepts_all"] and row["method"] != "all_correct" and \
                 row["population"] == POPULATIONS[0]:
             log.warning("%s at λ %s = %.6g accepts every statement with a score (λ below every "
