@@ -143,10 +143,10 @@ def test_fact_check_markdown_values(table):
     for row in empty:
         row.update(n_true=0, n_wrong=0, n_facts=0)
     text = fact_check_markdown(fact_check_table(empty))
-    assert "| mLAMA-en | bert | DKN only | wo DKN |  | 0 | 0 | n/a | n/a | n/a | n/a | n/a |  |" \
-        in text
-    assert "| mLAMA-en | bert | DKN only | with DKN | auto = 0.125 | 0 | 0 | n/a | n/a | n/a | " \
-           "n/a | n/a | 2 |" in text
+    # one line for the whole population (the CSV keeps its rows)
+    assert "| mLAMA-en | bert | DKN only | (no facts: every method n/a) |  | 0 | 0 |" \
+           " | | | | | |" in text
+    assert "| DKN only | wo DKN |" not in text and "| DKN only | with DKN |" not in text
 
 
 def test_accept_all_is_named_not_printed_as_a_number():
@@ -191,7 +191,9 @@ def test_comparisons_with_intervals_holm_and_the_reading():
         comparison("bert", "f1", "wo_DKN", 0.25, 0.1, 0.4, 0.0004, 0.002),
         comparison("bert", "f1", "prob", -0.05, -0.2, 0.1, 0.5, 1.0),
         comparison("bert", "pairwise", "prob", 0.15, 0.05, 0.25, 0.01, 0.04, setting=""),
-        comparison("bert", "f1", "random_matched", None, None, None, None, None)])
+        comparison("bert", "f1", "random_matched", None, None, None, None, None),
+        {**comparison("bert", "f1", "wo_DKN", None, None, None, None, None,
+                      population="dkn_relations"), "n_facts": 0}])
     text = fact_check_markdown(fact_check_table(run_rows("en", "bert", 0.5, 0.6)), compared,
                                {"n_boot": 2000, "n_perm": 5000, "seed": 7, "level": 0.95})
     assert "| mLAMA-en | bert | all | auto | F1: with DKN − wo DKN | 40 | +25.0 [+10.0, +40.0] " \
@@ -200,6 +202,8 @@ def test_comparisons_with_intervals_holm_and_the_reading():
            "+15.0 [+5.0, +25.0] | 0.010 | 0.040 |" in text
     assert "| F1: with DKN − random matched neurons | 40 | n/a | n/a | n/a |" in text
     assert "Holm's method over all comparisons of the same model and language" in text
+    assert "| DKN only |" not in text  # a population without facts has nothing to compare
+    assert len(compared) == 5  # the CSV keeps it
     assert "2000 bootstrap resamples" in text and "seed 7" in text and "5000 random swaps" in text
     assert "beyond the model's own probability" in text
     assert "- bert / mLAMA-en, all relations: with DKN − P(candidate): F1 at λ auto " \
@@ -328,6 +332,10 @@ def test_per_relation_f1_says_which_lambda_and_marks_abstentions(tmp_path):
     svg = (tmp_path / "p.svg").read_text(encoding="utf-8")
     assert "with DKN at λ auto = accept all" in svg and "with DKN at λ auto = 0.0002" in svg
     assert svg.count("abstains (no DKN)") == 2  # P19 in both panels
+    assert "F1 = 0" not in svg
+    frame.loc[(frame["relation"] == "P36") & (frame["method"] == "wo_DKN"), "f1"] = 0.0
+    plot_per_relation_f1(frame, tmp_path / "p.png", tmp_path / "p.svg")
+    assert (tmp_path / "p.svg").read_text(encoding="utf-8").count("F1 = 0") == 2
     assert "per relation, with DKN at λ auto" in svg
 
 

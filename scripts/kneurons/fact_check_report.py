@@ -183,7 +183,8 @@ def _p(value) -> str:
 def _comparison_label(row) -> str:
     if row["metric"] == "pairwise":
         return "pairwise: DKN score − P(candidate)"
-    return f"F1: {METHOD_LABELS[row['method']]} − {METHOD_LABELS.get(row['baseline'], row['baseline'])}"
+    baseline = METHOD_LABELS.get(row["baseline"], row["baseline"])
+    return f"F1: {METHOD_LABELS[row['method']]} − {baseline}"
 
 
 def _side(low, high) -> str:
@@ -199,17 +200,19 @@ def _side(low, high) -> str:
 def _reading(comparisons: pd.DataFrame) -> list[str]:
     """One line per (model, language, population): with DKN against P(candidate)."""
     lines = []
-    beyond = comparisons[(comparisons["baseline"] == "prob")]
+    beyond = comparisons[comparisons["baseline"] == "prob"]
     for (language, model, population), group in beyond.groupby(
             ["language", "model", "population"], sort=False):
         parts = []
         for row in group.to_dict("records"):
             what = ("pairwise accuracy" if row["metric"] == "pairwise"
                     else f"F1 at λ {row['setting']}")
-            parts.append(f"{what} {interval_cell(row['estimate'], row['low'], row['high'], signed=True)}"
-                         f" ({_side(row['low'], row['high'])}, n = {_count(row, 'n_facts')} facts)")
-        lines.append(f"- {model} / mLAMA-{language}, {POPULATION_LABELS.get(population, population)}"
-                     f" relations: with DKN − P(candidate): " + "; ".join(parts))
+            cell = interval_cell(row["estimate"], row["low"], row["high"], signed=True)
+            parts.append(f"{what} {cell} ({_side(row['low'], row['high'])}, "
+                         f"n = {_count(row, 'n_facts')} facts)")
+        relations = POPULATION_LABELS.get(population, population)
+        lines.append(f"- {model} / mLAMA-{language}, {relations} relations: with DKN − "
+                     f"P(candidate): " + "; ".join(parts))
     return lines
 
 
@@ -228,7 +231,16 @@ def fact_check_markdown(table: pd.DataFrame, comparisons: pd.DataFrame | None = 
               "F1", "AUROC", "Pairwise", "Abstained"]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] * 4 + ["---:"] * 9) + "|"]
+    empty = set()
     for row in table.to_dict("records"):
+        if _missing(row["n_facts"]) or int(row["n_facts"]) == 0:
+            key = (row["language"], row["model"], row["population"])
+            if key not in empty:
+                empty.add(key)
+                lines.append(f"| mLAMA-{row['language']} | {row['model']} | "
+                             f"{POPULATION_LABELS.get(row['population'], row['population'])} | "
+                             "(no facts: every method n/a) |  | 0 | 0 |" + " |" * 6)
+            continue
         n = int(row["n_true"] or 0) + int(row["n_wrong"] or 0) if not (
             _missing(row["n_true"]) or _missing(row["n_wrong"])) else 0
         if n and row["available"]:
@@ -279,6 +291,8 @@ def fact_check_markdown(table: pd.DataFrame, comparisons: pd.DataFrame | None = 
         "on the same resamples"
         + (f", seed {uncertainty['seed']}" if "seed" in uncertainty else "") + ".",
     ]
+    if comparisons is not None:  # populations without facts have nothing to compare
+        comparisons = comparisons[pd.to_numeric(comparisons["n_facts"]).fillna(0) > 0]
     if comparisons is not None and len(comparisons):
         rows = ["| Dataset | Model | Relations | λ | Comparison | Facts | Δ (points) | p | "
                 "p (Holm) |", "|---|---|---|---|---|---:|---:|---:|---:|"]
@@ -290,7 +304,7 @@ def fact_check_markdown(table: pd.DataFrame, comparisons: pd.DataFrame | None = 
                 interval_cell(row["estimate"], row["low"], row["high"], signed=True),
                 _p(row["p"]), _p(row["p_holm"])]) + " |")
         text += [
-            "", "### Comparisons", "", "\n".join(rows), "",
+            "", "## Comparisons", "", "\n".join(rows), "",
             "Δ: absolute difference in percentage points (first minus second), with its "
             f"{level}% bootstrap interval on the resamples of Table 3. F1 rows compare with DKN "
             "with each other method at the same λ setting (the methods without λ at every "
@@ -299,7 +313,8 @@ def fact_check_markdown(table: pd.DataFrame, comparisons: pd.DataFrame | None = 
             f"approximate-randomization test ({int(uncertainty['n_perm'])} random swaps of the "
             "two methods' judgements within facts; two-sided). p (Holm): adjusted by Holm's "
             "method over all comparisons of the same model and language (both populations and "
-            "every λ setting together). Rows of a control without neuron sets are n/a.",
+            "every λ setting together). Rows of a control without neuron sets are n/a; "
+            "comparisons over no facts (a population without facts) are left out.",
             "",
             "**Do DKN carry information about truth beyond the model's own probability?** "
             "Table 3's P(candidate) > λ_p row and the comparisons \"with DKN − P(candidate)\" "
@@ -511,7 +526,7 @@ def plot_per_relation_f1(per_relation: pd.DataFrame, out_png, out_svg,
                          lambdas: Mapping[tuple[str, str], str] | None = None) -> None:
     """F1 per relation of both methods: one panel per (model, language), one bar pair per
     relation. Where with DKN abstains (the relation has no DKN: column ``has_dkn`` False) its
-    bar is replaced by the word "abstains"; an F1 of 0 is marked by a tick at 0.
+    bar is replaced by the words "abstains (no DKN)"; an F1 of 0 is written "F1 = 0".
 
     ``per_relation`` has columns ``model, language, relation, method, f1`` (and
     ``has_dkn``); ``lambdas[(model, language)]``: the λ shown, e.g. "auto = 0.0002" (in the
@@ -541,10 +556,9 @@ def plot_per_relation_f1(per_relation: pd.DataFrame, out_png, out_svg,
                 shown = np.where(abstains, np.nan, f1)
                 ax.barh(y, np.nan_to_num(shown), height=0.4, color=colors[method],
                         label=METHOD_LABELS[method])
-                zero = (shown == 0)
-                if zero.any():
-                    ax.plot(np.zeros(zero.sum()), y[zero], marker="|", linestyle="none",
-                            color=colors[method], markersize=9)
+                for yy in y[shown == 0]:
+                    ax.text(1, yy, "F1 = 0", va="center", fontsize="x-small",
+                            color=colors[method], fontweight="bold")
                 for yy in y[abstains]:
                     ax.text(1, yy, "abstains (no DKN)", va="center", fontsize="x-small",
                             color="dimgrey", style="italic")
