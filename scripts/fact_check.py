@@ -1,9 +1,10 @@
-"""Rule fact_check: Table 3's with_DKN and wo_DKN judgements of one model and language."""
+"""Rule fact_check: Table 3 of one model and language: with_DKN, wo_DKN, the baselines and
+controls, with bootstrap intervals and paired tests."""
 import logging
 
 import pandas as pd
 
-from kneurons.factcheck import check_facts, dkn_by_relation
+from kneurons.factcheck import check_facts
 from kneurons.io import read_json, write_csv, write_json, write_parquet
 from kneurons.logs import configure
 from kneurons.records import read_shards
@@ -12,13 +13,13 @@ configure(snakemake.log[0])
 science = snakemake.params.science
 evaluation, meta = read_shards(snakemake.input.evaluation)
 discovery, _ = read_shards(snakemake.input.discovery)
-dkn = dkn_by_relation(read_json(snakemake.input.dkn))
-result = check_facts(evaluation, discovery, dkn, meta["n_layers"], meta["d_ff"],
-                     science["thresholds"], pd.read_parquet(snakemake.input.facts))
-logging.info("settings %s, dropped %s: %s", result["settings"], result["dropped"],
-             result["metrics"])
-write_json({key: result[key] for key in ("settings", "dropped", "metrics")},
-           snakemake.output.metrics)
+result = check_facts(evaluation, discovery, read_json(snakemake.input.dkn), meta["n_layers"],
+                     meta["d_ff"], science["thresholds"], pd.read_parquet(snakemake.input.facts),
+                     seed=science["seed"])
+logging.info("settings %s, λ_p %s, dropped %s", result["settings"], result["prob_threshold"],
+             result["dropped"])
+keys = ("settings", "prob_threshold", "dropped", "uncertainty", "rows", "comparisons")
+write_json({key: result[key] for key in keys}, snakemake.output.metrics)
 write_parquet(result["scores"], snakemake.output.scores)
 write_parquet(result["calibration_scores"], snakemake.output.calibration)
 write_csv(result["f1_curve"], snakemake.output.curve)

@@ -1,4 +1,5 @@
-"""Rule report_fact_check: Table 3 (CSV, Markdown) and the figures of every model/language."""
+"""Rule report_fact_check: Table 3 and its comparisons (CSV, Markdown) and the figures of
+every model/language."""
 import pandas as pd
 
 from kneurons.io import read_json
@@ -17,4 +18,4 @@ runs = [
     for i, (model, lang) in enumerate(science["pairs"])
 ]
 figures = {name: (output[f"{name}_png"], output[f"{name}_svg"]) for name in FIGURES}
-fact_check_report(runs, output.csv, output.md, figures)
+fact_check_report(runs, output.csv, output.md, figures, output.comparisons)

@@ -79,7 +79,7 @@ def test_dkn_scores_rejects_bad_input(records):
         dkn_scores(records, {"P36": [(2, 0)]}, N_LAYERS, D_FF)
     with pytest.raises(ValueError, match="exactly one true and one wrong"):
         dkn_scores(records.drop(index=0), DKN, N_LAYERS, D_FF)
-    with pytest.raises(ValueError, match=r"has 32 bytes of scores; expected 24 bytes"):
+    with pytest.raises(ValueError, match=r"has 32 bytes of scores; expected 24"):
         dkn_scores(records, DKN, N_LAYERS, 3)
     bad = records.copy()
     bad.loc[2, "scores"] = None
@@ -163,10 +163,13 @@ def test_fact_check_metrics_edge_cases():
     assert math.isnan(fact_check_metrics(only_true, 0.45)["with_DKN"]["auroc"])
     assert math.isnan(fact_check_metrics(only_true, 0.45)["wo_DKN"]["auroc"])
     nan_lambda = fact_check_metrics(hand_scores(), math.nan)["with_DKN"]
-    assert (nan_lambda["precision"], nan_lambda["recall"], nan_lambda["f1"]) == (0, 0, 0)
+    # nothing accepted: precision n/a (NaN, no longer 0), recall and F1 = 2TP/(2TP+FP+FN) 0
+    assert math.isnan(nan_lambda["precision"])
+    assert (nan_lambda["recall"], nan_lambda["f1"]) == (0, 0)
     assert nan_lambda["recall_wrong"] == 1.0
     empty = fact_check_metrics(hand_scores().iloc[:0], 0.45)["with_DKN"]
-    assert (empty["f1"], empty["n_true"], empty["n_facts"]) == (0.0, 0, 0)
+    # no statements: every rate is 0/0 (NaN, no longer 0)
+    assert math.isnan(empty["f1"]) and (empty["n_true"], empty["n_facts"]) == (0, 0)
     assert math.isnan(empty["auroc"])
 
 
@@ -206,7 +209,9 @@ def test_f1_curve_by_hand():
     assert curve["tp"].tolist() == [3, 2, 0]
     assert curve["fp"].tolist() == [1, 1, 0]
     assert curve["fn"].tolist() == [1, 2, 4]
-    assert curve["precision"].tolist() == pytest.approx([3 / 4, 2 / 3, 0.0])
+    # λ = 10 accepts nothing: precision n/a (NaN, no longer 0)
+    assert curve["precision"].tolist()[:2] == pytest.approx([3 / 4, 2 / 3])
+    assert math.isnan(curve["precision"].iloc[2])
     assert curve["recall"].tolist() == pytest.approx([3 / 4, 1 / 2, 0.0])
     assert curve["f1"].tolist() == pytest.approx([3 / 4, 4 / 7, 0.0])
     assert curve["f1"].iloc[1] == pytest.approx(fact_check_metrics(hand_scores(), 0.45)
@@ -223,7 +228,9 @@ def test_per_relation_metrics_by_hand():
     assert out["n"].tolist() == [2, 2, 4, 4, 2, 2]
     # P19: E correct, F not, both methods. P36: A TP, B TN, C FN, D FP, both methods.
     # P37: wo_DKN G TP, H TN; with_DKN nothing judged correct
-    assert out["precision"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
+    # P37 with_DKN accepts nothing: precision n/a (NaN, no longer 0)
+    assert out["precision"].tolist()[:5] == pytest.approx([1, 1, 0.5, 0.5, 1])
+    assert math.isnan(out["precision"].iloc[5])
     assert out["recall"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
     assert out["f1"].tolist() == pytest.approx([1, 1, 0.5, 0.5, 1, 0])
     assert out["has_dkn"].tolist() == [True, True, True, True, False, False]
@@ -236,10 +243,13 @@ def test_check_facts_takes_lambda_from_the_calibration_slice_only(records):
     calibration = pd.DataFrame([record("c1", "P36", "true", matrix(1.0, 1.0)),
                                 record("c1", "P36", "wrong", matrix(0.0, 0.0)),
                                 record("c2", "P36", "true", None, checked=False)])
-    result = check_facts(records, calibration, DKN, N_LAYERS, D_FF, ["auto", 0.3])
+    result = check_facts(records, calibration, DKN, N_LAYERS, D_FF, ["auto", 0.3], n_boot=100,
+                         n_perm=100)
     assert result["settings"] == [
-        {"setting": "auto", "threshold": pytest.approx(0.5), "threshold_source": "auto"},
-        {"setting": "0.3", "threshold": 0.3, "threshold_source": "config"}]
+        {"setting": "auto", "threshold": pytest.approx(0.5), "threshold_source": "auto",
+         "accepts_all": False},
+        {"setting": "0.3", "threshold": 0.3, "threshold_source": "config",
+         "accepts_all": False}]
     rows = {(m["setting"], m["population"]): m["metrics"] for m in result["metrics"]}
     assert sorted(rows) == [("0.3", "all_relations"), ("0.3", "dkn_relations"),
                             ("auto", "all_relations"), ("auto", "dkn_relations")]
@@ -255,7 +265,7 @@ def test_check_facts_takes_lambda_from_the_calibration_slice_only(records):
     assert set(per_relation["setting"]) == {"auto", "0.3"}
     assert result["f1_curve"]["threshold"].is_monotonic_increasing
     # a single λ is one setting
-    fixed = check_facts(records, calibration, DKN, N_LAYERS, D_FF, 0.3)
+    fixed = check_facts(records, calibration, DKN, N_LAYERS, D_FF, 0.3, n_boot=20, n_perm=20)
     assert [s["setting"] for s in fixed["settings"]] == ["0.3"]
 
 
@@ -264,7 +274,8 @@ def test_both_populations_and_with_dkn_abstentions(records):
     counted; relations with DKN only (the authors' population): those leave both methods."""
     from kneurons.factcheck import check_facts
 
-    result = check_facts(records, records.iloc[:0], DKN, N_LAYERS, D_FF, [0.3])
+    result = check_facts(records, records.iloc[:0], DKN, N_LAYERS, D_FF, [0.3], n_boot=100,
+                         n_perm=100)
     rows = {m["population"]: m["metrics"] for m in result["metrics"]}
     every, dkn_only = rows["all_relations"], rows["dkn_relations"]
     # P19 (empty DKN) and P37 (no entry): 4 candidates abstained by with_DKN
@@ -299,10 +310,294 @@ def test_facts_without_records_are_dropped_for_both_methods_and_counted(tiny_gpt
     assert set(records["uuid"]) == {"a", "b"}
     dkn = {"P1": [(0, 1)], "P1923": [(0, 2)]}
     result = check_facts(records, records.iloc[:0], dkn, tiny_gpt2.n_layers, tiny_gpt2.d_ff,
-                         [0.0], facts)
-    assert result["dropped"] == {"n_facts": 1, "relations": ["P1923"]}
+                         [0.0], facts, n_boot=100, n_perm=100)
+    assert {k: result["dropped"][k] for k in ("n_facts", "relations")} == {
+        "n_facts": 1, "relations": ["P1923"]}
+    assert result["dropped"]["unconverged"] == {"n_facts": 0, "relations": []}
     for entry in result["metrics"]:
         wo, with_ = entry["metrics"]["wo_DKN"], entry["metrics"]["with_DKN"]
         assert wo["n_facts"] == with_["n_facts"] == 2
         assert wo["n_true"] == with_["n_true"] == 2 and wo["n_wrong"] == with_["n_wrong"] == 2
         assert wo["n_facts_dropped"] == with_["n_facts_dropped"] == 1
+
+
+# ---- baselines, controls, intervals and tests (known answers) --------------------------------
+
+def synthetic(n_facts: int, seed: int = 0, *, dkn_true=1.0, dkn_wrong=0.0) -> pd.DataFrame:
+    """Balanced statements of ``n_facts`` facts in two relations: the DKN score separates true
+    (``dkn_true``) from wrong (``dkn_wrong``); the model predicts the true object of a random
+    half of the facts and the wrong object of the others (wo_DKN at chance: it accepts one
+    statement per fact, the right one half the time); prob is noise."""
+    rng = np.random.default_rng(seed)
+    right = rng.permutation(np.arange(n_facts) < n_facts // 2)
+    uuid = np.repeat([f"u{k:03d}" for k in range(n_facts)], 2)
+    label = np.tile([1, 0], n_facts)
+    return pd.DataFrame({
+        "uuid": uuid, "relation": np.repeat(np.where(np.arange(n_facts) % 2, "P1", "P2"), 2),
+        "candidate": np.tile(["true", "wrong"], n_facts), "label": label,
+        "dkn_score": np.where(label == 1, dkn_true, dkn_wrong).astype(float),
+        "prob": rng.uniform(size=2 * n_facts),
+        "predicted": np.where(label == 1, np.repeat(right, 2), ~np.repeat(right, 2)),
+        "has_dkn": True})
+
+
+def table_of(scores, calibration=None, thresholds=(0.5,), **kwargs):
+    from kneurons.factcheck import table_rows
+
+    kwargs = {"seed": 0, "n_boot": 400, "n_perm": 800, **kwargs}
+    rows, tests = table_rows(scores, scores if calibration is None else calibration,
+                             list(thresholds), **kwargs)
+    by_row = {(r["population"], r["method"], r["setting"]): r for r in rows}
+    by_test = {(t["population"], t["metric"], t["baseline"], t["setting"]): t for t in tests}
+    return by_row, by_test
+
+
+def test_delta_f1_of_a_perfect_checker_against_chance_excludes_zero():
+    rows, tests = table_of(synthetic(80))
+    with_dkn = rows[("all_relations", "with_DKN", "0.5")]
+    wo_dkn = rows[("all_relations", "wo_DKN", "")]
+    assert (with_dkn["precision"], with_dkn["recall"], with_dkn["f1"]) == (1.0, 1.0, 1.0)
+    # one statement accepted per fact, the true one for half of them
+    assert (wo_dkn["precision"], wo_dkn["recall"], wo_dkn["f1"]) == (0.5, 0.5, 0.5)
+    assert wo_dkn["f1_low"] < 0.5 < wo_dkn["f1_high"]
+    delta = tests[("all_relations", "f1", "wo_DKN", "0.5")]
+    assert delta["method"] == "with_DKN" and delta["estimate"] == pytest.approx(0.5)
+    assert 0 < delta["low"] <= 0.5 <= delta["high"]
+    assert delta["p"] < 0.01 and delta["p_holm"] < 0.05 and delta["n_facts"] == 80
+    # and the perfect checker beats "accept all" (F1 2/3) too
+    assert tests[("all_relations", "f1", "all_correct", "0.5")]["estimate"] == pytest.approx(1 / 3)
+
+
+def test_identical_methods_differ_by_exactly_zero_with_p_one():
+    """A control set with the DKN's own scores: ΔF1 = 0 on every resample (all rows and
+    differences come from the same resamples) and the swap test cannot tell them apart."""
+    scores = synthetic(40, dkn_true=0.6, dkn_wrong=0.4)
+    scores["dkn_score"] += np.random.default_rng(3).normal(0, 0.2, len(scores))
+    scores["random_matched_score"] = scores["dkn_score"]
+    scores["has_random_matched"] = True
+    rows, tests = table_of(scores, thresholds=["auto", 0.5])
+    for setting in ("auto", "0.5"):
+        control = rows[("all_relations", "random_matched", setting)]
+        dkn = rows[("all_relations", "with_DKN", setting)]
+        assert control["threshold"] == dkn["threshold"]
+        assert control["f1"] == dkn["f1"] and control["f1_low"] == dkn["f1_low"]
+        delta = tests[("all_relations", "f1", "random_matched", setting)]
+        assert (delta["estimate"], delta["low"], delta["high"]) == (0.0, 0.0, 0.0)
+        assert delta["p"] == 1.0 and delta["p_holm"] == 1.0
+
+
+def test_all_correct_on_balanced_data_is_p_half_r_one_f1_two_thirds_exactly():
+    rows, _ = table_of(synthetic(30))
+    row = rows[("all_relations", "all_correct", "")]
+    assert (row["precision"], row["recall"], row["f1"]) == (0.5, 1.0, 2 / 3)
+    assert (row["precision_low"], row["precision_high"]) == (0.5, 0.5)  # on every resample
+    assert (row["f1_low"], row["f1_high"]) == (2 / 3, 2 / 3)
+    assert row["auroc"] == 0.5 and row["pairwise"] == 0.5  # every fact a tie
+    assert row["accepts_all"] and row["threshold"] is None
+    assert (row["n_facts"], row["n_true"], row["n_wrong"]) == (30, 30, 30)
+
+
+def test_prob_threshold_comes_from_the_calibration_slice_only():
+    from kneurons.factcheck import choose_threshold
+
+    calibration = synthetic(20, seed=1)
+    calibration["prob"] = np.where(calibration["label"] == 1, 0.8, 0.1)  # λ_p: midpoint 0.45
+    evaluation = synthetic(20, seed=2)
+    rows, _ = table_of(evaluation, calibration)
+    prob = rows[("all_relations", "prob", "auto")]
+    assert prob["threshold"] == pytest.approx(0.45) == choose_threshold(calibration, "prob")
+    assert prob["threshold_source"] == "auto" and not prob["accepts_all"]
+    changed = evaluation.assign(prob=1.0 - evaluation["prob"])
+    again, _ = table_of(changed, calibration)
+    assert again[("all_relations", "prob", "auto")]["threshold"] == prob["threshold"]
+    moved, _ = table_of(evaluation, calibration.assign(prob=calibration["prob"] / 2))
+    assert moved[("all_relations", "prob", "auto")]["threshold"] == pytest.approx(0.225)
+
+
+def test_auto_lambda_that_accepts_everything_is_flagged_and_logged(caplog):
+    from kneurons.factcheck import accepts_all, choose_threshold
+
+    # calibration: wrong statements score above true ones, so the best F1 (2/3) is the
+    # sentinel below every score
+    calibration = synthetic(10, dkn_true=0.0, dkn_wrong=1.0)
+    lam = choose_threshold(calibration)
+    assert lam == -1.0 and accepts_all(lam, calibration)
+    assert not accepts_all(0.5, calibration) and not accepts_all(math.nan, calibration)
+    rows, _ = table_of(synthetic(10), calibration, thresholds=["auto", 1e-6])
+    assert rows[("all_relations", "with_DKN", "auto")]["accepts_all"]
+    assert not rows[("all_relations", "with_DKN", "1e-06")]["accepts_all"]
+
+    from kneurons.factcheck import check_facts
+
+    evaluation = pd.DataFrame([record(f"e{k}", "P36", c, matrix(v, v))
+                               for k in range(3) for c, v in (("true", 1.0), ("wrong", 0.0))])
+    calib = pd.DataFrame([record(f"c{k}", "P36", c, matrix(v, v))
+                          for k in range(3) for c, v in (("true", 0.0), ("wrong", 1.0))])
+    with caplog.at_level("WARNING", logger="kneurons.factcheck"):
+        result = check_facts(evaluation, calib, DKN, N_LAYERS, D_FF, ["auto"], n_boot=50,
+                             n_perm=50)
+    assert result["settings"][0]["accepts_all"] and result["settings"][0]["threshold"] == -1.0
+    assert "accept all" in caplog.text and "with_DKN" in caplog.text
+    assert result["f1_curve"].loc[result["f1_curve"]["threshold"] == -1.0,
+                                  "accepts_all"].tolist() == [True]
+
+
+def test_precision_with_nothing_accepted_is_na_with_no_interval():
+    rows, _ = table_of(synthetic(12), thresholds=[10.0])
+    row = rows[("all_relations", "with_DKN", "10")]
+    assert math.isnan(row["precision"]) and math.isnan(row["precision_low"])
+    assert (row["recall"], row["f1"]) == (0.0, 0.0)
+
+
+def test_pairwise_accuracy_by_hand():
+    rows, tests = table_of(hand_scores(), thresholds=[0.45])
+    dkn = rows[("all_relations", "with_DKN", "0.45")]
+    prob = rows[("all_relations", "prob", "auto")]
+    # DKN: f1 0.9 > 0.2, f2 0.4 < 0.5, f3 0.7 > 0.1; f4 has no DKN and is left out
+    assert (dkn["pairwise"], dkn["n_pairwise"]) == (pytest.approx(2 / 3), 3)
+    # P: f1, f3, f4 true above wrong; f2 not
+    assert (prob["pairwise"], prob["n_pairwise"]) == (0.75, 4)
+    assert rows[("all_relations", "wo_DKN", "")]["pairwise"] == 0.75  # wo_DKN ranks by prob
+    # on the 3 facts with both: 2/3 - 2/3
+    pair = tests[("all_relations", "pairwise", "prob", "")]
+    assert pair["method"] == "with_DKN" and pair["n_facts"] == 3
+    assert pair["estimate"] == pytest.approx(0.0) and pair["p"] == 1.0
+    # DKN only: f4 leaves both
+    assert rows[("dkn_relations", "prob", "auto")]["n_pairwise"] == 3
+
+
+def test_pairwise_dkn_against_prob_with_and_without_an_effect():
+    informative = synthetic(60)  # DKN separates every fact; prob is noise
+    _, tests = table_of(informative)
+    pair = tests[("all_relations", "pairwise", "prob", "")]
+    assert pair["estimate"] > 0.3 and pair["low"] > 0 and pair["p"] < 0.01
+    same = informative.assign(prob=informative["dkn_score"])
+    _, tests = table_of(same)
+    pair = tests[("all_relations", "pairwise", "prob", "")]
+    assert (pair["estimate"], pair["p"]) == (0.0, 1.0)
+
+
+def test_weighted_auroc_matches_sklearn_on_resamples():
+    from sklearn.metrics import roc_auc_score
+
+    from kneurons.factcheck import _Auroc
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 5, 40).astype(float)  # ties
+    labels = rng.integers(0, 2, 40)
+    auroc = _Auroc(values, labels)
+    assert auroc(np.ones(40)) == pytest.approx(roc_auc_score(labels, values))
+    rows = rng.integers(0, 40, 40)
+    assert auroc(np.bincount(rows, minlength=40).astype(float)) == pytest.approx(
+        roc_auc_score(labels[rows], values[rows]))
+
+
+def control_records():
+    """P36 with DKN (0, 1), (1, 2); its controls random_matched (0, 0) and frequent_kn
+    (1, 3). Three facts; matrix cells chosen so that each set ranks them differently."""
+    def m(dkn, rand, freq):
+        out = np.zeros((N_LAYERS, D_FF), dtype=SCORE_DTYPE)
+        out[0, 1] = out[1, 2] = dkn
+        out[0, 0], out[1, 3] = rand, freq
+        return out.tobytes()
+    rows = []
+    for k, (true, wrong) in enumerate([((1.0, 0.0, 2.0), (0.0, 1.0, 1.0)),
+                                       ((1.0, 0.0, 2.0), (0.0, 1.0, 3.0)),
+                                       ((1.0, 1.0, 2.0), (0.0, 1.0, 1.0))]):
+        rows += [record(f"f{k}", "P36", "true", m(*true), prob=0.5),
+                 record(f"f{k}", "P36", "wrong", m(*wrong), prob=0.25)]
+    rows += [record("g", "P19", "true", None), record("g", "P19", "wrong", None)]
+    return pd.DataFrame(rows)
+
+
+def test_control_rows_from_a_document_with_controls():
+    from kneurons.factcheck import check_facts, neuron_sets
+
+    document = {"relations": {
+        "P36": {"dkn": [[0, 1], [1, 2]],
+                "controls": {"random_matched": [[0, 0]], "frequent_kn": [[1, 3]]}},
+        "P19": {"dkn": []}}}
+    sets = neuron_sets(document)
+    assert sets["random_matched"] == {"P36": [(0, 0)]} and sets["frequent_kn"] == {"P36": [(1, 3)]}
+    records = control_records()
+    result = check_facts(records, records, document, N_LAYERS, D_FF, [0.5], n_boot=100,
+                         n_perm=100)
+    scores = result["scores"].set_index(["uuid", "candidate"])
+    assert scores.loc[("f1", "wrong"), "frequent_kn_score"] == 3.0
+    assert scores.loc[("f2", "true"), "random_matched_score"] == 1.0
+    assert np.isnan(scores.loc[("g", "true"), "random_matched_score"])
+    rows = {(r["population"], r["method"]): r for r in result["rows"]}
+    rand = rows[("all_relations", "random_matched")]
+    # at 0.5: accepted f0 wrong, f1 wrong, f2 true, f2 wrong -> TP 1, FP 3, FN 3 (g abstained)
+    assert rand["available"] and (rand["precision"], rand["recall"]) == (0.25, 0.25)
+    assert (rand["n_relations_no_set"], rand["n_abstained"]) == (1, 2)
+    freq = rows[("dkn_relations", "frequent_kn")]
+    # every statement of P36 above 0.5: TP 3, FP 3
+    assert (freq["precision"], freq["recall"], freq["f1"]) == (0.5, 1.0, 2 / 3)
+    # pairwise: frequent_kn 2 > 1, 2 < 3, 2 > 1 -> 2/3; random_matched 0 < 1, 0 < 1, tie -> 1/6
+    assert freq["pairwise"] == pytest.approx(2 / 3)
+    assert rows[("dkn_relations", "random_matched")]["pairwise"] == pytest.approx(1 / 6)
+    tests = {(t["population"], t["baseline"]): t for t in result["comparisons"]}
+    assert not math.isnan(tests[("all_relations", "random_matched")]["p"])
+
+
+def test_control_rows_without_controls_are_not_available():
+    from kneurons.factcheck import check_facts
+
+    records = control_records()
+    document = {"relations": {"P36": {"dkn": [[0, 1], [1, 2]]}, "P19": {"dkn": []}}}
+    for dkn in (document, {"P36": [(0, 1), (1, 2)]}):  # a document, a plain map
+        result = check_facts(records, records, dkn, N_LAYERS, D_FF, ["auto"], n_boot=50,
+                             n_perm=50)
+        for row in result["rows"]:
+            if row["method"] in ("random_matched", "frequent_kn"):
+                assert not row["available"]
+                assert all(math.isnan(row[m]) for m in ("precision", "recall", "f1", "auroc",
+                                                        "f1_low", "pairwise"))
+                assert row["n_relations_no_set"] == row["n_relations"]
+        for test in result["comparisons"]:
+            if test["baseline"] in ("random_matched", "frequent_kn"):
+                assert math.isnan(test["p"]) and math.isnan(test["p_holm"])
+                assert math.isnan(test["estimate"])
+
+
+def test_holm_adjusts_over_all_comparisons_of_a_model_language():
+    from kneurons.statistics import holm
+
+    records = control_records()
+    result = check_facts_quick(records)
+    ps = [t["p"] for t in result["comparisons"]]
+    assert [t["p_holm"] for t in result["comparisons"]] == pytest.approx(
+        holm(ps).tolist(), nan_ok=True)
+    # both populations, per setting: ΔF1 against 5 methods; per population the pairwise test
+    assert len(result["comparisons"]) == 2 * (2 * 5 + 1)
+
+
+def check_facts_quick(records, **kwargs):
+    from kneurons.factcheck import check_facts
+
+    return check_facts(records, records, {"P36": [(0, 1), (1, 2)]}, N_LAYERS, D_FF,
+                       ["auto", 0.5], n_boot=50, n_perm=50, **kwargs)
+
+
+def test_unconverged_facts_are_dropped_whole_and_counted():
+    records = control_records()
+    records["converged"] = True
+    records.loc[(records["uuid"] == "f1") & (records["candidate"] == "wrong"), "converged"] = False
+    result = check_facts_quick(records)
+    assert set(result["scores"]["uuid"]) == {"f0", "f2", "g"}  # f1's true record goes too
+    assert result["dropped"]["unconverged"] == {"n_facts": 1, "relations": ["P36"]}
+    assert result["dropped"]["calibration_unconverged"]["n_facts"] == 1
+    assert {r["n_facts_unconverged"] for r in result["rows"]} == {1}
+    assert {r["n_facts"] for r in result["rows"] if r["population"] == "all_relations"} == {3}
+    # records written before the column existed count as converged
+    assert check_facts_quick(control_records())["dropped"]["unconverged"]["n_facts"] == 0
+
+
+def test_intervals_are_seeded():
+    def lows(seed):
+        rows, _ = table_of(synthetic(30), seed=seed, n_boot=200, n_perm=10)
+        return np.array([r["f1_low"] for r in rows.values()], dtype=float)
+
+    np.testing.assert_array_equal(lows(3), lows(3))
+    assert not np.array_equal(lows(3), lows(4), equal_nan=True)

@@ -104,9 +104,11 @@ def test_the_whole_dag_produces_table_3(finished_run):
     assert list(table.columns[:12]) == ["language", "model", "population", "method", "setting",
                                         "precision", "recall", "f1", "auroc", "n_true",
                                         "n_wrong", "threshold"]
-    # languages x models x populations x (wo_DKN + with_DKN at each of the 2 λ settings)
-    assert len(table) == 2 * 2 * 2 * 3
-    assert set(table["method"]) == {"wo_DKN", "with_DKN"}
+    # languages x models x populations x (wo_DKN, all_correct, prob + with_DKN and its two
+    # control neuron sets at each of the 2 λ settings)
+    assert len(table) == 2 * 2 * 2 * (3 + 3 * 2)
+    assert set(table["method"]) == {"wo_DKN", "all_correct", "prob", "with_DKN",
+                                    "random_matched", "frequent_kn"}
     assert set(table["population"]) == {"all_relations", "dkn_relations"}
     assert set(table.loc[table["method"] == "with_DKN", "setting"]) == {"auto", "1e-06"}
     every = table[table["population"] == "all_relations"]

@@ -43,7 +43,7 @@ VERSIONS = {
     "toy": 2,  # = kneurons.toy.TOY_VERSION
     "attribution": 2,  # 2: scores stored as float32
     "dkn": 3,  # 2: calibration facts excluded; neurons.dkn_count; 3: controls, stability
-    "factcheck": 2,  # 2: λ settings, both populations, dropped facts counted
+    "factcheck": 3,  # 3: baselines, controls, intervals, tests, converged records only
     "likn": 2,
     "localization": 1,
     "import": 1,  # = kneurons.gguf.IMPORT_VERSION

@@ -27,6 +27,7 @@ rule fact_check:
     params:
         science={
             "thresholds": config["factcheck"]["thresholds"],
+            "seed": config["seed"],
             "version": VERSIONS["factcheck"],
         },
     script:

@@ -19,6 +19,11 @@ rule report_fact_check:
             caption="../report/fact_check.rst",
             category="Fact checking",
         ),
+        comparisons=report(
+            "results/reports/fact_check_comparisons.csv",
+            caption="../report/fact_check_comparisons.rst",
+            category="Fact checking",
+        ),
         dkn_layers_png=report(
             "results/reports/figures/dkn_layers.png",
             caption="../report/dkn_layers.rst",
