@@ -35,7 +35,7 @@ VERSIONS = {
     "attribution": 2,  # 2: scores stored as float32
     "dkn": 2,  # 2: calibration facts excluded; neurons.dkn_count
     "factcheck": 2,  # 2: λ settings, both populations, dropped facts counted
-    "likn": 2,
+    "likn": 3,
     "localization": 1,
     "import": 1,  # = kneurons.gguf.IMPORT_VERSION
 }
