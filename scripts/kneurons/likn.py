@@ -377,8 +377,9 @@ def likn_statistics(table: pd.DataFrame, seed: int, *, not_converged: Mapping | 
     neurons per layer; the null draws over all facts.
 
     ``not_converged[languages]``: uuid -> relation of the group's facts left out because an
-    attribution did not converge (counted in ``n_not_converged``). Seeds: the nulls from
-    (seed, group, null), the bootstrap from (seed, group, relation)."""
+    attribution did not converge (counted in ``n_not_converged``; a relation whose facts were
+    all left out gets rows with no facts). Seeds: the nulls from (seed, group, null), the
+    bootstrap from (seed, group, relation)."""
     not_converged = not_converged or {}
     stats_rows, layer_rows, null_frames = [], [], []
     for languages in _groups_in_order(table, not_converged):
@@ -388,50 +389,16 @@ def likn_statistics(table: pd.DataFrame, seed: int, *, not_converged: Mapping | 
                     for row in rows.itertuples(index=False)} for i in range(n_lang)]
         relations = dict(zip(rows["uuid"], rows["relation"]))
         sets = coded_sets(kn_sets, list(relations), relations)
-        n, n_rel = len(sets.uuids), len(sets.relation_names)
-        identity = [np.arange(n)] * (n_lang - 1)
+        identity = [np.arange(len(sets.uuids))] * (n_lang - 1)
         observed = _pairing_vector(sets, identity)
         draws = {null: permutation_null(lambda rng, null=null: _draw(sets, null, rng),
-                                        n_perm=n_perm, seed=_seed("likn-null", seed,
-                                                                  languages, null))
-                 if n else np.full((0, len(observed)), np.nan) for null in NULLS}
-        n_likn, n_kn, _ = pairing_overlap(sets, identity)
-        excluded = not_converged.get(languages, {})
-        scopes = [("all", np.arange(n))] + [
-            (name, np.flatnonzero(sets.relations == r)) for r, name in enumerate(
-                sets.relation_names)]
-        names = [name for name, _ in scopes] + sorted(
-            set(excluded.values()) - set(sets.relation_names))
-        for s, name in enumerate(names):
-            facts = scopes[s][1] if s < len(scopes) else np.zeros(0, np.int64)
-            intervals = _fact_bootstrap(n_likn[facts], n_kn[:, facts],
-                                        [sets.uuids[u] for u in facts], n_boot,
-                                        _seed("likn-boot", seed, languages, name))
-            n_excluded = sum(1 for r in excluded.values() if name in ("all", r))
-            for j, statistic in enumerate(STATISTICS):
-                interval = intervals[statistic]
-                row = dict(languages=languages, relation=name, statistic=statistic,
-                           n_facts=len(facts), n_not_converged=n_excluded,
-                           estimate=interval.estimate, low=interval.low, high=interval.high,
-                           n_boot=interval.n_boot, n_perm=n_perm if n else 0)
-                for null in NULLS:
-                    tested = statistic in TESTED and s < len(scopes) and n
-                    column = draws[null][:, s * len(STATISTICS) + j] if tested else None
-                    mean, low, high = _quantiles(column) if tested else (math.nan,) * 3
-                    row.update({f"{null}_mean": mean, f"{null}_low": low,
-                                f"{null}_high": high,
-                                f"{null}_p": one_sided_pvalue(interval.estimate, column)
-                                if tested else math.nan})
-                stats_rows.append(row)
-        offset = (1 + n_rel) * len(STATISTICS)
-        for layer in range(sets.n_layers):
-            counts = {null: draws[null][:, offset + layer] for null in NULLS}
-            row = dict(languages=languages, layer=layer, n_likn=int(observed[offset + layer]))
-            for null in NULLS:
-                row.update(zip((f"{null}_{part}" for part in _NULL_PARTS),
-                               _quantiles(counts[null])))
-            if row["n_likn"] > 0 or any(row[f"{null}_high"] > 0 for null in NULLS):
-                layer_rows.append(row)
+                                        n_perm=n_perm,
+                                        seed=_seed("likn-null", seed, languages, null))
+                 if len(sets.uuids) else np.full((0, len(observed)), np.nan)
+                 for null in NULLS}
+        stats_rows += _statistics_rows(sets, languages, draws,
+                                       not_converged.get(languages, {}), seed, n_boot)
+        layer_rows += _layer_rows(sets, languages, observed, draws)
         for null in NULLS:
             frame = pd.DataFrame(draws[null][:, [STATISTICS.index(s) for s in TESTED]],
                                  columns=list(TESTED))
@@ -441,6 +408,56 @@ def likn_statistics(table: pd.DataFrame, seed: int, *, not_converged: Mapping | 
                   else pd.DataFrame(columns=NULL_COLUMNS))
     return LiknStatistics(pd.DataFrame(stats_rows, columns=STATS_COLUMNS),
                           pd.DataFrame(layer_rows, columns=LAYER_COLUMNS), null_table)
+
+
+def _statistics_rows(sets: CodedSets, languages: str, draws: Mapping[str, np.ndarray],
+                     excluded: Mapping[str, str], seed: int, n_boot: int) -> list[dict]:
+    """STATS_COLUMNS rows of one language group: all facts, then each relation (then the
+    relations whose facts were all left out). ``draws[null]``: [n_perm, m] vectors of
+    :func:`_pairing_vector`."""
+    n_likn, n_kn, _ = pairing_overlap(sets, [np.arange(len(sets.uuids))] * (len(sets.facts) - 1))
+    scopes = [("all", np.arange(len(sets.uuids)))] + [
+        (name, np.flatnonzero(sets.relations == r))
+        for r, name in enumerate(sets.relation_names)]
+    n_tested = len(scopes)  # the scopes with facts, in the order of the draw vectors
+    scopes += [(name, np.zeros(0, np.int64))
+               for name in sorted(set(excluded.values()) - set(sets.relation_names))]
+    rows = []
+    for s, (name, facts) in enumerate(scopes):
+        intervals = _fact_bootstrap(n_likn[facts], n_kn[:, facts],
+                                    [sets.uuids[u] for u in facts], n_boot,
+                                    _seed("likn-boot", seed, languages, name))
+        for j, statistic in enumerate(STATISTICS):
+            interval = intervals[statistic]
+            row = dict(languages=languages, relation=name, statistic=statistic,
+                       n_facts=len(facts),
+                       n_not_converged=sum(1 for r in excluded.values() if name in ("all", r)),
+                       estimate=interval.estimate, low=interval.low, high=interval.high,
+                       n_boot=interval.n_boot, n_perm=len(draws[NULLS[0]]))
+            tested = statistic in TESTED and s < n_tested and len(facts) > 0
+            for null in NULLS:
+                column = draws[null][:, s * len(STATISTICS) + j] if tested else np.zeros(0)
+                mean, low, high = _quantiles(column)
+                row.update({f"{null}_mean": mean, f"{null}_low": low, f"{null}_high": high,
+                            f"{null}_p": one_sided_pvalue(interval.estimate, column)})
+            rows.append(row)
+    return rows
+
+
+def _layer_rows(sets: CodedSets, languages: str, observed: np.ndarray,
+                draws: Mapping[str, np.ndarray]) -> list[dict]:
+    """LAYER_COLUMNS rows of one language group: the layers with LIKN neurons under the real
+    pairing or under some null draw."""
+    offset = (1 + len(sets.relation_names)) * len(STATISTICS)
+    rows = []
+    for layer in range(sets.n_layers):
+        row = dict(languages=languages, layer=layer, n_likn=int(observed[offset + layer]))
+        for null in NULLS:
+            row.update(zip((f"{null}_{part}" for part in _NULL_PARTS),
+                           _quantiles(draws[null][:, offset + layer])))
+        if row["n_likn"] > 0 or any(row[f"{null}_high"] > 0 for null in NULLS):
+            rows.append(row)
+    return rows
 
 
 def _groups_in_order(table: pd.DataFrame, not_converged: Mapping) -> list[str]:
@@ -750,7 +767,7 @@ def cross_lingual_editing(lm: LanguageModel, facts: Mapping[str, pd.DataFrame],
     group = "+".join(languages)
     rows = likn[likn["languages"] == group]
     if rows.empty:
-        raise ValueError(f"the LIKN table has no fact rows for the languages {group}")
+        raise ValueError(f"the LIKN table has no rows for the languages {group}")
     indexed = {lang: table.set_index("uuid", drop=False) for lang, table in facts.items()}
     common_uuids = set.intersection(*(set(t.index) for t in indexed.values()))
     sets = {}
