@@ -137,7 +137,9 @@ def test_likn_statistics_and_nulls_hand_counted():
     assert _stat(stats, "mean_likn", "P1").estimate == 1.0  # the relation has both facts
     # layers: the identity has one LIKN neuron in layer 0 and one in 1, the swap one in 1
     by_layer = layers.set_index("layer")
-    assert list(by_layer["n_likn"]) == [1, 1]
+    assert list(by_layer["n_likn"]) == [1, 1] and list(by_layer["n_facts"]) == [2, 2]
+    # resampling {a, b}: a (one neuron in each layer) drawn 0, 1 or 2 times
+    assert (by_layer.at[0, "low"], by_layer.at[0, "high"]) == (0.0, 2.0)
     assert by_layer.at[0, "shuffled_mean"] == pytest.approx(0.5, abs=0.04)
     assert by_layer.at[1, "shuffled_mean"] == 1.0
     assert set(null["null"]) == set(NULLS) and len(null) == 2 * 2000

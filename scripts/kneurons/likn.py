@@ -126,10 +126,10 @@ STATS_COLUMNS = (["languages", "relation", "statistic", "n_facts", "n_not_conver
 interval over facts (``n_boot`` resamples on which it was defined), and per null its mean,
 95% range (2.5% and 97.5% quantiles of ``n_perm`` draws) and one-sided p-value
 (P(null >= observed)); the null columns are NaN for ``mean_kn``."""
-LAYER_COLUMNS = (["languages", "layer", "n_likn"]
+LAYER_COLUMNS = (["languages", "layer", "n_facts", "n_likn", "low", "high"]
                  + [f"{null}_{part}" for null in NULLS for part in _NULL_PARTS])
-"""LIKN neurons per layer summed over facts, and the same count's mean and 95% range under
-each null."""
+"""LIKN neurons per layer summed over the ``n_facts`` facts, with its 95% bootstrap interval
+over facts, and the same count's mean and 95% range under each null."""
 NULL_COLUMNS = ["languages", "null", "draw", *TESTED]
 """The null draws of the tested statistics over all facts (for the report's figure)."""
 EDIT_COLUMNS = ["operation", "neuron_set", "edit_lang", "eval_lang", "target", "edited_uuid",
@@ -398,7 +398,8 @@ def likn_statistics(table: pd.DataFrame, seed: int, *, not_converged: Mapping | 
                  for null in NULLS}
         stats_rows += _statistics_rows(sets, languages, draws,
                                        not_converged.get(languages, {}), seed, n_boot)
-        layer_rows += _layer_rows(sets, languages, observed, draws)
+        layer_rows += _layer_rows(sets, languages, observed, draws,
+                                  _seed("likn-layers", seed, languages), n_boot)
         for null in NULLS:
             frame = pd.DataFrame(draws[null][:, [STATISTICS.index(s) for s in TESTED]],
                                  columns=list(TESTED))
@@ -444,14 +445,31 @@ def _statistics_rows(sets: CodedSets, languages: str, draws: Mapping[str, np.nda
     return rows
 
 
+def fact_layer_counts(sets: CodedSets) -> np.ndarray:
+    """[n, n_layers]: each fact's LIKN neurons per layer under the real pairing."""
+    n, n_codes = len(sets.uuids), len(sets.layer_of_code)
+    keys = np.unique(sets.facts[0] * n_codes + sets.codes[0])
+    for facts, codes in zip(sets.facts[1:], sets.codes[1:]):
+        keys = np.intersect1d(keys, np.unique(facts * n_codes + codes), assume_unique=True)
+    fact, code = np.divmod(keys, max(n_codes, 1))
+    counts = np.zeros((n, sets.n_layers), dtype=np.int64)
+    np.add.at(counts, (fact, sets.layer_of_code[code]), 1)
+    return counts
+
+
 def _layer_rows(sets: CodedSets, languages: str, observed: np.ndarray,
-                draws: Mapping[str, np.ndarray]) -> list[dict]:
+                draws: Mapping[str, np.ndarray], seed: int, n_boot: int) -> list[dict]:
     """LAYER_COLUMNS rows of one language group: the layers with LIKN neurons under the real
     pairing or under some null draw."""
     offset = (1 + len(sets.relation_names)) * len(STATISTICS)
+    counts = fact_layer_counts(sets).astype(float)
+    intervals = bootstrap(lambda idx: dict(enumerate(counts[idx].sum(axis=0).tolist())),
+                          list(sets.uuids), n_boot=n_boot, seed=seed) if len(counts) else {}
     rows = []
     for layer in range(sets.n_layers):
-        row = dict(languages=languages, layer=layer, n_likn=int(observed[offset + layer]))
+        row = dict(languages=languages, layer=layer, n_facts=len(sets.uuids),
+                   n_likn=int(observed[offset + layer]), low=intervals[layer].low,
+                   high=intervals[layer].high)
         for null in NULLS:
             row.update(zip((f"{null}_{part}" for part in _NULL_PARTS),
                            _quantiles(draws[null][:, offset + layer])))

@@ -350,8 +350,11 @@ def plot_likn_layers(layers: pd.DataFrame, out_png, out_svg) -> None:
             group = _main_group(sub["languages"])
             sub = sub[sub["languages"] == group].sort_values("layer")
             x = sub["layer"].to_numpy(float)
-            ax.bar(x, sub["n_likn"].to_numpy(float), width=0.6, color="tab:blue",
-                   label="observed")
+            observed = sub["n_likn"].to_numpy(float)
+            err = np.clip(np.vstack([observed - sub["low"].to_numpy(float),
+                                     sub["high"].to_numpy(float) - observed]), 0, None)
+            ax.bar(x, observed, width=0.6, color="tab:blue", yerr=np.nan_to_num(err),
+                   capsize=2, label=f"observed, 95% CI (n = {int(sub['n_facts'].max())} facts)")
             for k, null in enumerate(NULLS):
                 mean = sub[f"{null}_mean"].to_numpy(float)
                 low, high = sub[f"{null}_low"].to_numpy(float), sub[f"{null}_high"].to_numpy(float)
