@@ -716,7 +716,8 @@ def test_likn_report_tables_markdown_and_figures(tmp_path):
         == {"LIKN stronger"}
     text = (tmp_path / "likn.md").read_text()
     assert "| m | en+zh | mean LIKN size | 2 | 0 | 1.00 [0.00, 2.00] | 0.7" in text
-    assert "| m | en+zh | P1 | facts with a non-empty LIKN (share) | 2 | 0 | 0.50 [0.00, 1.00] |" in text
+    assert ("| m | en+zh | P1 | facts with a non-empty LIKN (share) | 2 | 0 | 0.50 [0.00, 1.00] |"
+            in text)
     assert "| f | en+zh | mean LIKN size | 0 | 3 | n/a | n/a |" in text
     # one edited fact: every interval is that fact's value
     assert ("| m | likn | 2.00 | en | 1 | 0.900 [0.900, 0.900] | 0.450 [0.450, 0.450] | "

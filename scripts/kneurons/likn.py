@@ -226,18 +226,16 @@ def likn_table(kn: Mapping[str, Mapping[str, Sequence[Neuron]]], relations: Mapp
 @dataclass(frozen=True)
 class CodedSets:
     """The KN sets of one language group's facts, coded for fast intersection under many
-    pairings: each neuron gets a code (0..n_codes-1), each language an entry per (fact,
-    neuron) of its KN sets."""
+    pairings: each neuron gets a code (0..n_codes-1), each language a [n, k] matrix of its
+    facts' codes (a row per fact, padded with -1 to the largest set)."""
 
     uuids: tuple[str, ...]
     """The facts (sorted), index u = 0..n-1."""
     relations: np.ndarray
     """[n] int: index of each fact's relation in ``relation_names``."""
     relation_names: tuple[str, ...]
-    facts: tuple[np.ndarray, ...]
-    """Per language: [entries] the fact index of each KN entry."""
     codes: tuple[np.ndarray, ...]
-    """Per language: [entries] the neuron code of each KN entry."""
+    """Per language: [n, k] int32, the codes of each fact's KN (distinct), -1 after them."""
     n_kn: np.ndarray
     """[n_languages, n] |KN| of each fact in each language."""
     layer_of_code: np.ndarray
@@ -250,45 +248,52 @@ def coded_sets(kn_sets: Sequence[Mapping[str, Sequence[Neuron]]], uuids: Sequenc
     """:class:`CodedSets` of ``uuids`` from one map uuid -> KN per language of the group."""
     uuids = tuple(sorted(uuids))
     code: dict[Neuron, int] = {}
-    facts, codes, n_kn = [], [], []
+    matrices, n_kn = [], []
     for by_uuid in kn_sets:
-        f, c, sizes = [], [], []
-        for u, uuid in enumerate(uuids):
-            neurons = dict.fromkeys((int(a), int(b)) for a, b in by_uuid[uuid])
-            sizes.append(len(neurons))
-            for neuron in neurons:
-                f.append(u)
-                c.append(code.setdefault(neuron, len(code)))
-        facts.append(np.asarray(f, dtype=np.int64))
-        codes.append(np.asarray(c, dtype=np.int64))
+        rows = [[code.setdefault(neuron, len(code))
+                 for neuron in dict.fromkeys((int(a), int(b)) for a, b in by_uuid[uuid])]
+                for uuid in uuids]
+        sizes = [len(row) for row in rows]
+        matrix = np.full((len(uuids), max(sizes, default=0)), -1, dtype=np.int32)
+        for u, row in enumerate(rows):
+            matrix[u, :len(row)] = row
+        matrices.append(matrix)
         n_kn.append(sizes)
     names = tuple(sorted({relations[u] for u in uuids}))
     index = {name: i for i, name in enumerate(names)}
     layer_of_code = np.asarray([layer for layer, _ in code], dtype=np.int64)
     return CodedSets(uuids, np.asarray([index[relations[u]] for u in uuids], dtype=np.int64),
-                     names, tuple(facts), tuple(codes),
+                     names, tuple(matrices),
                      np.asarray(n_kn, dtype=np.int64).reshape(len(kn_sets), len(uuids)),
                      layer_of_code, int(layer_of_code.max()) + 1 if len(code) else 0)
+
+
+def shared_mask(sets: CodedSets, partners: Sequence[np.ndarray]) -> np.ndarray:
+    """[n, k] bool: which of fact u's KN codes in the first language are in the KN of fact
+    ``partners[l-1][u]`` in every other language l (each ``partners`` entry a permutation of
+    0..n-1; the identity is the real pairing). One vectorised comparison per column of the
+    other language's matrix (KN sets are small: at most ``max_kn``)."""
+    first = sets.codes[0]
+    shared = first >= 0  # the padding (-1) is never shared
+    for matrix, partner in zip(sets.codes[1:], partners):
+        other = matrix[partner]  # [n, k_l]: the partner's codes
+        hit = np.zeros_like(shared)
+        for column in range(other.shape[1]):
+            hit |= first == other[:, column:column + 1]
+        shared &= hit
+    return shared
 
 
 def pairing_overlap(sets: CodedSets, partners: Sequence[np.ndarray]
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The overlap when fact u's KN in the first language meets fact ``partners[l-1][u]``'s
-    KN in language l (each ``partners`` entry a permutation of 0..n-1; the identity is the
-    real pairing). Returns |LIKN| [n], the paired |KN| [n_languages, n] and the LIKN neurons
-    per layer summed over facts [n_layers]."""
-    n, n_codes = len(sets.uuids), len(sets.layer_of_code)
-    keys = np.unique(sets.facts[0] * n_codes + sets.codes[0])
-    n_kn = [sets.n_kn[0]]
-    for lang, partner in enumerate(partners, start=1):
-        owner = np.empty(n, dtype=np.int64)
-        owner[partner] = np.arange(n)  # fact v's set goes to the u with partner[u] = v
-        other = np.unique(owner[sets.facts[lang]] * n_codes + sets.codes[lang])
-        keys = np.intersect1d(keys, other, assume_unique=True)
-        n_kn.append(sets.n_kn[lang][partner])
-    fact, code = np.divmod(keys, max(n_codes, 1))
-    return (np.bincount(fact, minlength=n), np.vstack(n_kn),
-            np.bincount(sets.layer_of_code[code], minlength=sets.n_layers))
+    KN in language l (:func:`shared_mask`). Returns |LIKN| [n], the paired |KN|
+    [n_languages, n] and the LIKN neurons per layer summed over facts [n_layers]."""
+    shared = shared_mask(sets, partners)
+    n_kn = np.vstack([sets.n_kn[0]] + [sizes[partner] for sizes, partner
+                                       in zip(sets.n_kn[1:], partners)])
+    layers = np.bincount(sets.layer_of_code[sets.codes[0][shared]], minlength=sets.n_layers)
+    return shared.sum(axis=1), n_kn, layers
 
 
 def shares_of_kn(n_likn: np.ndarray, n_kn: np.ndarray) -> np.ndarray:
@@ -333,7 +338,7 @@ def within_groups_permutation(groups: np.ndarray, rng: np.random.Generator) -> n
 def _draw(sets: CodedSets, null: str, rng: np.random.Generator) -> np.ndarray:
     """One null draw: the statistics of all facts then of each relation (flattened), then the
     per-layer counts."""
-    n, n_lang = len(sets.uuids), len(sets.facts)
+    n, n_lang = len(sets.uuids), len(sets.codes)
     if null == "shuffled":
         partners = [rng.permutation(n) for _ in range(n_lang - 1)]
     elif null == "within_relation":
@@ -416,7 +421,8 @@ def _statistics_rows(sets: CodedSets, languages: str, draws: Mapping[str, np.nda
     """STATS_COLUMNS rows of one language group: all facts, then each relation (then the
     relations whose facts were all left out). ``draws[null]``: [n_perm, m] vectors of
     :func:`_pairing_vector`."""
-    n_likn, n_kn, _ = pairing_overlap(sets, [np.arange(len(sets.uuids))] * (len(sets.facts) - 1))
+    identity = [np.arange(len(sets.uuids))] * (len(sets.codes) - 1)
+    n_likn, n_kn, _ = pairing_overlap(sets, identity)
     scopes = [("all", np.arange(len(sets.uuids)))] + [
         (name, np.flatnonzero(sets.relations == r))
         for r, name in enumerate(sets.relation_names)]
@@ -447,13 +453,11 @@ def _statistics_rows(sets: CodedSets, languages: str, draws: Mapping[str, np.nda
 
 def fact_layer_counts(sets: CodedSets) -> np.ndarray:
     """[n, n_layers]: each fact's LIKN neurons per layer under the real pairing."""
-    n, n_codes = len(sets.uuids), len(sets.layer_of_code)
-    keys = np.unique(sets.facts[0] * n_codes + sets.codes[0])
-    for facts, codes in zip(sets.facts[1:], sets.codes[1:]):
-        keys = np.intersect1d(keys, np.unique(facts * n_codes + codes), assume_unique=True)
-    fact, code = np.divmod(keys, max(n_codes, 1))
+    n = len(sets.uuids)
+    shared = shared_mask(sets, [np.arange(n)] * (len(sets.codes) - 1))
+    fact = np.nonzero(shared)[0]
     counts = np.zeros((n, sets.n_layers), dtype=np.int64)
-    np.add.at(counts, (fact, sets.layer_of_code[code]), 1)
+    np.add.at(counts, (fact, sets.layer_of_code[sets.codes[0][shared]]), 1)
     return counts
 
 

@@ -328,8 +328,9 @@ def plot_likn_null(stats: pd.DataFrame, null: pd.DataFrame, out_png, out_svg) ->
                                 NULL_COLORS[name])
             if pd.notna(row["low"]):
                 ax.axvspan(row["low"], row["high"], color="tab:blue", alpha=0.15)
+            observed = Interval(row["estimate"], row["low"], row["high"], 0).format()
             ax.axvline(row["estimate"], color="tab:blue", linewidth=2,
-                       label=f"observed {Interval(row['estimate'], row['low'], row['high'], 0).format()}")
+                       label=f"observed {observed}")
             ax.set_xlabel(STATISTIC_LABELS[statistic])
             ax.set_ylabel("share of draws")
             ax.set_title(f"{model} ({group}, n = {int(row['n_facts'])})", fontsize="medium")
