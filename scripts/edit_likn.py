@@ -5,7 +5,7 @@ import pandas as pd
 import torch
 
 from kneurons.io import write_csv, write_parquet
-from kneurons.likn import cross_lingual_editing, edit_summary
+from kneurons.likn import cross_lingual_editing, edit_summary, edit_tests
 from kneurons.logs import configure
 from kneurons.models import load_job_model
 
@@ -21,4 +21,5 @@ results = cross_lingual_editing(
     seed=science["seed"], progress=progress)
 logging.info("%d rows, %d facts edited", len(results), results["edited_uuid"].nunique())
 write_parquet(results, snakemake.output.edits)
-write_csv(edit_summary(results), snakemake.output.summary)
+write_csv(edit_summary(results, science["seed"]), snakemake.output.summary)
+write_csv(edit_tests(results, science["seed"]), snakemake.output.tests)

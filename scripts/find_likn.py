@@ -1,4 +1,4 @@
-"""Rule find_likn: language-independent knowledge neurons of one model, with chance controls."""
+"""Rule find_likn: language-independent knowledge neurons of one model, against permutation nulls."""
 import logging
 
 from kneurons.io import write_csv, write_parquet
@@ -11,10 +11,11 @@ params = snakemake.params
 science = params.science
 records = {lang: read_shards(snakemake.input[f"attribution_{lang}"])[0]
            for lang in science["languages"]}
-table, stats, layers = find_likn(records, science["kn_threshold"], science["max_kn"],
-                                 science["seed"])
+table, (stats, layers, null) = find_likn(records, science["kn_threshold"], science["max_kn"],
+                                         science["seed"])
 logging.info("LIKN statistics (all relations):\n%s",
              stats[stats["relation"] == "all"].to_string(index=False))
 write_parquet(table, snakemake.output.likn)
 write_csv(stats, snakemake.output.stats)
 write_csv(layers, snakemake.output.layers)
+write_parquet(null, snakemake.output.null)

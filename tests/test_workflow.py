@@ -134,12 +134,11 @@ def test_the_whole_dag_finds_likn_and_edits_across_languages(finished_run):
     for model in ("toy-bert", "toy-gpt"):
         table = pd.read_parquet(neurons / model / "likn.parquet")
         assert set(table["languages"]) == {"en+zh"}
-        facts = table[table["kind"] == "fact"]
+        facts = table  # the real pairing only: chance is the permutation null (likn_null)
         assert len(facts) == 80 and facts["uuid"].is_unique  # 2 relations x 40 discovery facts
-        assert set(table["kind"]) == {"fact", "control_random", "control_same_relation"}
         assert (table["n_likn"] <= table["n_kn"].map(min)).all()
-        controls = table[table["kind"] != "fact"]
-        assert (controls["uuid"] != controls["partner_uuid"]).all()
+        null = pd.read_parquet(neurons / model / "likn_null.parquet")
+        assert len(null) > 0
         edits = pd.read_parquet(neurons / model / "likn_edit.parquet")
         assert 0 < edits["edited_uuid"].nunique() <= config["likn"]["edit_sample"]
         assert set(edits["operation"]) == {"erase", "edit"}
@@ -157,14 +156,15 @@ def test_the_whole_dag_finds_likn_and_edits_across_languages(finished_run):
     reports = workdir / "results" / "reports"
     stats = pd.read_csv(reports / "likn.csv")
     overall = stats[stats["relation"] == "all"]
-    assert len(overall) == 2 * 3  # models x (facts, two controls)
-    assert overall["share_with_likn"].between(0, 1).all()
+    assert len(overall) == 2 * 4  # models x 4 statistics, each with its nulls
+    share = overall.loc[overall["statistic"] == "share_with_likn", "estimate"]
+    assert len(share) == 2 and share.between(0, 1).all()
     summary = pd.read_csv(reports / "likn_edit.csv")
     assert set(summary["model"]) == {"toy-bert", "toy-gpt"}
     assert set(summary["target"]) == {"fact", "unrelated"}
     text = (reports / "likn.md").read_text()
     assert "## LIKN of the discovery facts" in text and "## Editing" in text
-    for name in ("likn_layers", "likn_erase", "likn_edit"):
+    for name in ("likn_layers", "likn_erase", "likn_edit", "likn_null"):
         assert (reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert (reports / "figures" / f"{name}.svg").stat().st_size > 0
 

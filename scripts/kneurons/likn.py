@@ -7,26 +7,38 @@ shared neurons changes the fact in both languages.
 **LIKN** (:func:`language_independent_neurons`, :func:`likn_table`). The KN of a fact in a
 language are those of its true-object attribution record, chosen by the workflow's one rule
 :func:`kneurons.neurons.knowledge_neurons_of` (score above ``kn_threshold`` x the record's
-maximum, at most ``max_kn``, best first). For a fact (uuid) present in several languages and
-for each *language group* (every pair of the model's languages, and all of them together
-when there are more than two; :func:`language_groups`) its LIKN is the intersection of its KN
-sets in the group's languages, in the order of the first language's KN (best first).
+maximum, at most ``max_kn``, best first); only records whose attribution converged
+(:func:`kneurons.records.converged`) are used, and the facts left out for it are counted
+(``n_not_converged``). For a fact (uuid) present in several languages and for each *language
+group* (every pair of the model's languages, and all of them together when there are more
+than two; :func:`language_groups`) its LIKN is the intersection of its KN sets in the group's
+languages, in the order of the first language's KN (best first). Per row of the table:
+``n_likn`` = |LIKN|; ``share_of_kn`` = the mean over the group's languages l with a non-empty
+KN set of |LIKN| / |KN_l| (NaN when every KN set is empty).
 
-Per row of the table: ``n_likn`` = |LIKN|; ``share_of_kn`` = the mean over the group's
-languages l with a non-empty KN set of |LIKN| / |KN_l| (the share of a language's knowledge
-neurons that are language-independent; NaN when every KN set is empty).
+**Statistics** (:data:`STATISTICS`), over all facts of a group (``relation == "all"``) and
+per relation: the share of facts with a non-empty LIKN, mean |LIKN|, mean ``share_of_kn``, and
+(descriptive) mean |KN| over the facts and the group's languages. Each has its 95% interval
+from a cluster bootstrap over facts (:func:`kneurons.statistics.bootstrap`).
 
-**Controls** (how much overlap chance alone gives): the same intersection for *different*
-facts, KN_{l1}(u) ∩ KN_{l2}(v) ∩ ... with u's KN in the group's first language and v's in the
-others. ``control_random``: v is u's successor in a seeded random cyclic order of all facts
-(so every fact is used once as u and once as v, never v = u); ``control_same_relation``: the
-same within u's relation (facts of one relation share object-type neurons, so this is the
-harder control; a relation with one fact gives no row).
-
-**Statistics** (:func:`likn_statistics`) per (languages, kind, relation) and over all
-relations (``relation == "all"``): facts, facts with a non-empty LIKN and their share, mean
-|LIKN|, mean |KN| (over the facts and the group's languages) and mean ``share_of_kn``.
-:func:`likn_layer_counts` counts LIKN neurons per layer.
+**Permutation nulls** (:data:`NULLS`; :func:`likn_statistics`): how much of the overlap the
+pairing of a fact with *itself* explains. The same statistics are computed with fact u's KN in
+the group's first language intersected with fact π_l(u)'s KN in each other language l, π_l
+uniformly random permutations (:func:`kneurons.statistics.permutation_null`, seeded from the
+run's seed, the group and the null): ``shuffled`` permutes all facts of the group,
+``within_relation`` only facts of the same relation (the harder null: a relation's facts
+share object-type neurons). π may keep a fact in place (a uniform permutation, not a
+derangement), so the observed pairing is one of the pairings the null draws from and the
+Monte Carlo p-value (:func:`kneurons.statistics.one_sided_pvalue`, greater) is exact; the
+null's mean is therefore the mean over random pairings, in which a fact meets itself with
+probability 1/n (1/n_r within a relation of n_r facts). A relation with one fact has only the
+identity pairing within its relation (p = 1). |KN| over all facts does not depend on the
+pairing and is not tested. Per relation both nulls are read on the relation's facts: with
+facts of any relation (``shuffled``) or of its own (``within_relation``).
+The LIKN neurons per layer (summed over facts) are counted beside the nulls' mean and 95%
+range of the same count.
+These nulls replace the single seeded "other fact" pairing of earlier versions (one draw of
+a null says nothing about its spread).
 
 **Cross-lingual editing** (:func:`cross_lingual_editing`) on a seeded sample of discovery
 facts (:func:`sample_edit_facts`): facts whose LIKN over all the model's languages is not
@@ -59,15 +71,23 @@ the argmax at its position, teacher-forced) and its wrong object (the fact's cor
 object, the edit's target), and, as a locality control, the true objects of
 ``locality_facts`` discovery facts of *other* relations (seeded per edited fact) under the
 same intervention. :func:`edit_summary` averages per (operation, neuron_set, edit_lang,
-eval_lang, target).
+eval_lang, target), each mean with its n and a 95% cluster-bootstrap interval over the
+edited facts (an edited fact's rows, its unrelated facts included, are resampled together).
+:func:`edit_tests` compares LIKN with every control set on the same edited facts: the mean
+per-fact difference of the change of P(true) (erase and edit) and of P(wrong) (edit: the
+edit's target; an erase has none), its interval, and the paired swap test
+(:func:`kneurons.statistics.swap_test`, two-sided); the report corrects the p-values of the
+whole table with Holm's method.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -80,29 +100,75 @@ from .models import LanguageModel
 from .neurons import (Neuron, knowledge_neurons_by_fact, random_neurons_like, seeded_rank,
                       seeded_rng)
 from .queries import EncodedQuery, encode_query
+from .records import converged
+from .statistics import (LEVEL, N_BOOT, N_PERM, bootstrap, one_sided_pvalue,
+                         permutation_null, swap_test)
 
-KINDS = ("fact", "control_random", "control_same_relation")
-"""Row kinds of the LIKN table: the real facts, then the two chance controls."""
+NULLS = ("shuffled", "within_relation")
+"""The permutation nulls of the overlap: facts shuffled across languages among all facts of
+the group, and among the facts of the same relation."""
+STATISTICS = ("share_with_likn", "mean_likn", "likn_share_of_kn", "mean_kn")
+"""The LIKN statistics of a set of facts (see the module docstring)."""
+TESTED = STATISTICS[:3]
+"""The statistics tested against the nulls (mean |KN| is descriptive)."""
 
 OPERATIONS = ("erase", "edit")
 ANY_LANGUAGE = "-"
 """``edit_lang`` of erase rows (the suppression does not depend on a language)."""
 
-LIKN_COLUMNS = ["languages", "kind", "uuid", "partner_uuid", "relation", "likn_layers",
-                "likn_neurons", "n_likn", "n_kn", "kn_layers", "kn_neurons", "share_of_kn"]
-STATS_COLUMNS = ["languages", "kind", "relation", "n_facts", "facts_with_likn",
-                 "share_with_likn", "mean_likn", "mean_kn", "likn_share_of_kn"]
+LIKN_COLUMNS = ["languages", "uuid", "relation", "likn_layers", "likn_neurons", "n_likn",
+                "n_kn", "kn_layers", "kn_neurons", "share_of_kn"]
+_NULL_PARTS = ("mean", "low", "high")
+STATS_COLUMNS = (["languages", "relation", "statistic", "n_facts", "n_not_converged",
+                  "estimate", "low", "high", "n_boot", "n_perm"]
+                 + [f"{null}_{part}" for null in NULLS for part in _NULL_PARTS + ("p",)])
+"""One row per (languages, relation, statistic): the observed value with its bootstrap
+interval over facts (``n_boot`` resamples on which it was defined), and per null its mean,
+95% range (2.5% and 97.5% quantiles of ``n_perm`` draws) and one-sided p-value
+(P(null >= observed)); the null columns are NaN for ``mean_kn``."""
+LAYER_COLUMNS = (["languages", "layer", "n_facts", "n_likn", "low", "high"]
+                 + [f"{null}_{part}" for null in NULLS for part in _NULL_PARTS])
+"""LIKN neurons per layer summed over the ``n_facts`` facts, with its 95% bootstrap interval
+over facts, and the same count's mean and 95% range under each null."""
+NULL_COLUMNS = ["languages", "null", "draw", *TESTED]
+"""The null draws of the tested statistics over all facts (for the report's figure)."""
 EDIT_COLUMNS = ["operation", "neuron_set", "edit_lang", "eval_lang", "target", "edited_uuid",
                 "uuid", "relation", "n_neurons", "p_true_before", "p_true_after",
                 "top1_true_before", "top1_true_after", "p_wrong_before", "p_wrong_after",
                 "top1_wrong_before", "top1_wrong_after"]
-SUMMARY_COLUMNS = ["operation", "neuron_set", "edit_lang", "eval_lang", "target", "n",
-                   "mean_neurons", "p_true_before", "p_true_after", "delta_p_true",
-                   "rel_change_p_true", "top1_true_before", "top1_true_after",
-                   "p_wrong_before", "p_wrong_after", "delta_p_wrong", "edit_success"]
+EDIT_METRICS = ("p_true_before", "p_true_after", "delta_p_true", "rel_change_p_true",
+                "top1_true_before", "top1_true_after", "p_wrong_before", "p_wrong_after",
+                "delta_p_wrong", "edit_success")
+"""The means of :func:`edit_summary`, each with ``_low`` and ``_high`` columns."""
+SUMMARY_COLUMNS = (["operation", "neuron_set", "edit_lang", "eval_lang", "target", "n",
+                    "n_facts", "mean_neurons"]
+                   + [f"{m}{s}" for m in EDIT_METRICS for s in ("", "_low", "_high")])
+"""``n``: rows (a fact's unrelated facts are rows of their own); ``n_facts``: edited facts,
+the clusters of the bootstrap."""
+TEST_MEASURES = {"erase": ("delta_p_true",), "edit": ("delta_p_true", "delta_p_wrong")}
+"""What :func:`edit_tests` compares per operation (an erase has no target object)."""
+STRONGER = {"delta_p_true": -1, "delta_p_wrong": +1}
+"""The sign of (LIKN - control) when the LIKN change is the stronger one."""
+TEST_COLUMNS = ["operation", "edit_lang", "eval_lang", "measure", "control", "n_facts",
+                "likn", "likn_low", "likn_high", "control_value", "control_value_low",
+                "control_value_high", "difference", "difference_low", "difference_high", "p"]
+"""One row per paired comparison of :func:`edit_tests`: the means over the ``n_facts``
+edited facts that both sets have, LIKN - control, intervals and the two-sided p-value."""
 
 
-# ---- LIKN: sets and statistics (model-free) -----------------------------------------------
+def _seed(*parts) -> int:
+    """An integer seed from sha256 of ``parts`` (for the :mod:`kneurons.statistics` calls)."""
+    return int.from_bytes(seeded_rank(*parts)[:8], "little")
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the finite values; NaN when there are none (without a warning)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else math.nan
+
+
+# ---- LIKN: sets (model-free) ---------------------------------------------------------------
 
 def language_independent_neurons(kn_sets: Sequence[Iterable[Neuron]]) -> list[Neuron]:
     """The neurons in every one of ``kn_sets``, in the order of the first set (no duplicates)."""
@@ -122,114 +188,352 @@ def language_groups(languages: Sequence[str]) -> list[tuple[str, ...]]:
     return groups
 
 
-def control_partners(uuids: Sequence[str], relations: Mapping[str, str], seed: int,
-                     same_relation: bool) -> dict[str, str]:
-    """u -> a different fact v: u's successor in a seeded random cyclic order of ``uuids``
-    (of u's relation's uuids when ``same_relation``). Groups of one fact give no partner."""
-    groups: dict[str, list[str]] = {}
-    for uuid in sorted(set(uuids)):
-        groups.setdefault(relations[uuid] if same_relation else "", []).append(uuid)
-    partners = {}
-    for key, members in sorted(groups.items()):
-        if len(members) < 2:
-            continue
-        order = [members[i] for i in seeded_rng("likn-control", seed, key).permutation(len(members))]
-        partners.update({u: order[(i + 1) % len(order)] for i, u in enumerate(order)})
-    return partners
-
-
 def share_of_kn(n_likn: int, n_kn: Sequence[int]) -> float:
     """Mean over the languages with a non-empty KN set of |LIKN| / |KN_l| (NaN if none)."""
     shares = [n_likn / n for n in n_kn if n > 0]
     return float(np.mean(shares)) if shares else float("nan")
 
 
-def _likn_row(languages, kind, uuid, partner, relation, kn_sets) -> dict:
+def _likn_row(languages, uuid, relation, kn_sets) -> dict:
     likn = language_independent_neurons(kn_sets)
     n_kn = [len(s) for s in kn_sets]
-    return dict(languages="+".join(languages), kind=kind, uuid=uuid, partner_uuid=partner,
-                relation=relation, likn_layers=[n[0] for n in likn],
-                likn_neurons=[n[1] for n in likn], n_likn=len(likn), n_kn=n_kn,
+    return dict(languages="+".join(languages), uuid=uuid, relation=relation,
+                likn_layers=[n[0] for n in likn], likn_neurons=[n[1] for n in likn],
+                n_likn=len(likn), n_kn=n_kn,
                 kn_layers=[[n[0] for n in s] for s in kn_sets],
                 kn_neurons=[[n[1] for n in s] for s in kn_sets],
                 share_of_kn=share_of_kn(len(likn), n_kn))
 
 
-def likn_table(kn: Mapping[str, Mapping[str, Sequence[Neuron]]], relations: Mapping[str, str],
-               seed: int) -> pd.DataFrame:
-    """The LIKN of every fact and the two controls, for every language group.
+def likn_table(kn: Mapping[str, Mapping[str, Sequence[Neuron]]], relations: Mapping[str, str]
+               ) -> pd.DataFrame:
+    """The LIKN of every fact, for every language group (LIKN_COLUMNS).
 
     ``kn[lang][uuid]``: the fact's KN in that language (best first); ``relations[uuid]``: its
-    relation. Facts are those present in every language of a group. Columns: LIKN_COLUMNS
-    (``kn_layers``/``kn_neurons``/``n_kn`` per language of the group, in its order; for a
-    control row the first language's from ``uuid``, the others' from ``partner_uuid``).
+    relation. Facts are those present in every language of a group, sorted by uuid;
+    ``kn_layers``/``kn_neurons``/``n_kn`` are per language of the group, in its order.
     """
     rows = []
     for group in language_groups(sorted(kn)):
         uuids = sorted(set.intersection(*(set(kn[lang]) for lang in group)))
-        for uuid in uuids:
-            rows.append(_likn_row(group, "fact", uuid, uuid, relations[uuid],
-                                  [kn[lang][uuid] for lang in group]))
-        for kind, same in (("control_random", False), ("control_same_relation", True)):
-            partners = control_partners(uuids, relations, seed, same)
-            for uuid in uuids:
-                if uuid in partners:
-                    v = partners[uuid]
-                    sets = [kn[group[0]][uuid]] + [kn[lang][v] for lang in group[1:]]
-                    rows.append(_likn_row(group, kind, uuid, v, relations[uuid], sets))
+        rows += [_likn_row(group, uuid, relations[uuid], [kn[lang][uuid] for lang in group])
+                 for uuid in uuids]
     return pd.DataFrame(rows, columns=LIKN_COLUMNS)
 
 
-def likn_statistics(table: pd.DataFrame) -> pd.DataFrame:
-    """STATS_COLUMNS per (languages, kind, relation), with ``relation == "all"`` rows first
-    in each (languages, kind); kinds in KINDS order."""
-    rows = []
-    for (languages, kind), group in table.groupby(["languages", "kind"], sort=True):
-        parts = [("all", group)] + list(group.groupby("relation", sort=True))
-        for relation, sub in parts:
-            with_likn = int((sub["n_likn"] > 0).sum())
-            shares = sub["share_of_kn"].dropna()
-            rows.append(dict(languages=languages, kind=kind, relation=relation,
-                             n_facts=int(len(sub)), facts_with_likn=with_likn,
-                             share_with_likn=with_likn / len(sub),
-                             mean_likn=float(sub["n_likn"].mean()),
-                             mean_kn=float(np.mean([n for ns in sub["n_kn"] for n in ns])),
-                             likn_share_of_kn=float(shares.mean()) if len(shares) else np.nan))
-    stats = pd.DataFrame(rows, columns=STATS_COLUMNS)
-    order = {k: i for i, k in enumerate(KINDS)}
-    stats["_kind"] = stats["kind"].map(order)
-    return (stats.sort_values(["languages", "_kind"], kind="stable").drop(columns="_kind")
-            .reset_index(drop=True))
+# ---- LIKN: statistics and permutation nulls (model-free) -----------------------------------
+
+@dataclass(frozen=True)
+class CodedSets:
+    """The KN sets of one language group's facts, coded for fast intersection under many
+    pairings: each neuron gets a code (0..n_codes-1), each language a [n, k] matrix of its
+    facts' codes (a row per fact, padded with -1 to the largest set)."""
+
+    uuids: tuple[str, ...]
+    """The facts (sorted), index u = 0..n-1."""
+    relations: np.ndarray
+    """[n] int: index of each fact's relation in ``relation_names``."""
+    relation_names: tuple[str, ...]
+    codes: tuple[np.ndarray, ...]
+    """Per language: [n, k] int32, the codes of each fact's KN (distinct), -1 after them."""
+    n_kn: np.ndarray
+    """[n_languages, n] |KN| of each fact in each language."""
+    layer_of_code: np.ndarray
+    """[n_codes] the layer of each neuron code."""
+    n_layers: int
 
 
-def likn_layer_counts(table: pd.DataFrame) -> pd.DataFrame:
-    """Number of LIKN neurons per (languages, kind, layer), summed over facts."""
+def coded_sets(kn_sets: Sequence[Mapping[str, Sequence[Neuron]]], uuids: Sequence[str],
+               relations: Mapping[str, str]) -> CodedSets:
+    """:class:`CodedSets` of ``uuids`` from one map uuid -> KN per language of the group."""
+    uuids = tuple(sorted(uuids))
+    code: dict[Neuron, int] = {}
+    matrices, n_kn = [], []
+    for by_uuid in kn_sets:
+        rows = [[code.setdefault(neuron, len(code))
+                 for neuron in dict.fromkeys((int(a), int(b)) for a, b in by_uuid[uuid])]
+                for uuid in uuids]
+        sizes = [len(row) for row in rows]
+        matrix = np.full((len(uuids), max(sizes, default=0)), -1, dtype=np.int32)
+        for u, row in enumerate(rows):
+            matrix[u, :len(row)] = row
+        matrices.append(matrix)
+        n_kn.append(sizes)
+    names = tuple(sorted({relations[u] for u in uuids}))
+    index = {name: i for i, name in enumerate(names)}
+    layer_of_code = np.asarray([layer for layer, _ in code], dtype=np.int64)
+    return CodedSets(uuids, np.asarray([index[relations[u]] for u in uuids], dtype=np.int64),
+                     names, tuple(matrices),
+                     np.asarray(n_kn, dtype=np.int64).reshape(len(kn_sets), len(uuids)),
+                     layer_of_code, int(layer_of_code.max()) + 1 if len(code) else 0)
+
+
+def shared_mask(sets: CodedSets, partners: Sequence[np.ndarray]) -> np.ndarray:
+    """[n, k] bool: which of fact u's KN codes in the first language are in the KN of fact
+    ``partners[l-1][u]`` in every other language l (each ``partners`` entry a permutation of
+    0..n-1; the identity is the real pairing). One vectorised comparison per column of the
+    other language's matrix (KN sets are small: at most ``max_kn``)."""
+    first = sets.codes[0]
+    shared = first >= 0  # the padding (-1) is never shared
+    for matrix, partner in zip(sets.codes[1:], partners):
+        other = matrix[partner]  # [n, k_l]: the partner's codes
+        hit = np.zeros_like(shared)
+        for column in range(other.shape[1]):
+            hit |= first == other[:, column:column + 1]
+        shared &= hit
+    return shared
+
+
+def pairing_overlap(sets: CodedSets, partners: Sequence[np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The overlap when fact u's KN in the first language meets fact ``partners[l-1][u]``'s
+    KN in language l (:func:`shared_mask`). Returns |LIKN| [n], the paired |KN|
+    [n_languages, n] and the LIKN neurons per layer summed over facts [n_layers]."""
+    shared = shared_mask(sets, partners)
+    n_kn = np.vstack([sets.n_kn[0]] + [sizes[partner] for sizes, partner
+                                       in zip(sets.n_kn[1:], partners)])
+    layers = np.bincount(sets.layer_of_code[sets.codes[0][shared]], minlength=sets.n_layers)
+    return shared.sum(axis=1), n_kn, layers
+
+
+def shares_of_kn(n_likn: np.ndarray, n_kn: np.ndarray) -> np.ndarray:
+    """:func:`share_of_kn` of every fact: |LIKN| [n], |KN| [n_languages, n] -> [n]."""
+    valid = n_kn > 0
+    ratio = np.where(valid, n_likn / np.where(valid, n_kn, 1), 0.0).sum(axis=0)
+    count = valid.sum(axis=0)
+    return np.where(count > 0, ratio / np.maximum(count, 1), np.nan)
+
+
+def group_statistics(n_likn: np.ndarray, n_kn: np.ndarray, groups: np.ndarray,
+                     n_groups: int) -> np.ndarray:
+    """[n_groups, len(STATISTICS)]: the statistics of the facts of each group (``groups``:
+    [n] each fact's group index); NaN for a group without facts (or without a defined
+    share)."""
+    groups = np.asarray(groups, dtype=np.int64)
+    share = shares_of_kn(n_likn, n_kn)
+    ok = np.isfinite(share)
+
+    def mean(weights, where=None):
+        g = groups if where is None else groups[where]
+        w = weights if where is None else weights[where]
+        total = np.bincount(g, weights=w, minlength=n_groups)
+        size = np.bincount(g, minlength=n_groups)
+        return np.where(size > 0, total / np.maximum(size, 1), np.nan)
+
+    return np.column_stack([mean((n_likn > 0).astype(float)), mean(n_likn.astype(float)),
+                            mean(share, ok), mean(n_kn.mean(axis=0))])
+
+
+def within_groups_permutation(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random permutation of 0..n-1 that maps each index to one of the same
+    group (``groups``: [n] labels)."""
+    groups = np.asarray(groups)
+    base = np.argsort(groups, kind="stable")
+    shuffled = np.lexsort((rng.random(len(groups)), groups))
+    partner = np.empty(len(groups), dtype=np.int64)
+    partner[base] = shuffled
+    return partner
+
+
+def _draw(sets: CodedSets, null: str, rng: np.random.Generator) -> np.ndarray:
+    """One null draw: the statistics of all facts then of each relation (flattened), then the
+    per-layer counts."""
+    n, n_lang = len(sets.uuids), len(sets.codes)
+    if null == "shuffled":
+        partners = [rng.permutation(n) for _ in range(n_lang - 1)]
+    elif null == "within_relation":
+        partners = [within_groups_permutation(sets.relations, rng) for _ in range(n_lang - 1)]
+    else:
+        raise ValueError(f"unknown null {null!r}; expected one of {NULLS}")
+    return _pairing_vector(sets, partners)
+
+
+def _pairing_vector(sets: CodedSets, partners) -> np.ndarray:
+    n_likn, n_kn, layers = pairing_overlap(sets, partners)
+    overall = group_statistics(n_likn, n_kn, np.zeros(len(n_likn), np.int64), 1)
+    per_relation = group_statistics(n_likn, n_kn, sets.relations, len(sets.relation_names))
+    return np.concatenate([overall.ravel(), per_relation.ravel(), layers.astype(float)])
+
+
+def _quantiles(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and central 95% range of the finite values (NaN when none)."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return math.nan, math.nan, math.nan
+    low, high = np.quantile(values, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2])
+    return float(values.mean()), float(low), float(high)
+
+
+class LiknStatistics(NamedTuple):
+    """The outputs of :func:`likn_statistics` and :func:`find_likn`."""
+
+    stats: pd.DataFrame
+    """STATS_COLUMNS."""
+    layers: pd.DataFrame
+    """LAYER_COLUMNS."""
+    null: pd.DataFrame
+    """NULL_COLUMNS."""
+
+
+def likn_statistics(table: pd.DataFrame, seed: int, *, not_converged: Mapping | None = None,
+                    n_perm: int = N_PERM, n_boot: int = N_BOOT) -> LiknStatistics:
+    """The statistics of a :func:`likn_table` against both permutation nulls, per language
+    group over all facts (``relation == "all"``, first) and per relation (sorted); the LIKN
+    neurons per layer; the null draws over all facts.
+
+    ``not_converged[languages]``: uuid -> relation of the group's facts left out because an
+    attribution did not converge (counted in ``n_not_converged``; a relation whose facts were
+    all left out gets rows with no facts). Seeds: the nulls from (seed, group, null), the
+    bootstrap from (seed, group, relation)."""
+    not_converged = not_converged or {}
+    stats_rows, layer_rows, null_frames = [], [], []
+    for languages in _groups_in_order(table, not_converged):
+        rows = table[table["languages"] == languages].sort_values("uuid", kind="stable")
+        n_lang = languages.count("+") + 1
+        kn_sets = [{row.uuid: list(zip(row.kn_layers[i], row.kn_neurons[i]))
+                    for row in rows.itertuples(index=False)} for i in range(n_lang)]
+        relations = dict(zip(rows["uuid"], rows["relation"]))
+        sets = coded_sets(kn_sets, list(relations), relations)
+        identity = [np.arange(len(sets.uuids))] * (n_lang - 1)
+        observed = _pairing_vector(sets, identity)
+        draws = {null: permutation_null(lambda rng, null=null: _draw(sets, null, rng),
+                                        n_perm=n_perm,
+                                        seed=_seed("likn-null", seed, languages, null))
+                 if len(sets.uuids) else np.full((0, len(observed)), np.nan)
+                 for null in NULLS}
+        stats_rows += _statistics_rows(sets, languages, draws,
+                                       not_converged.get(languages, {}), seed, n_boot)
+        layer_rows += _layer_rows(sets, languages, observed, draws,
+                                  _seed("likn-layers", seed, languages), n_boot)
+        for null in NULLS:
+            frame = pd.DataFrame(draws[null][:, [STATISTICS.index(s) for s in TESTED]],
+                                 columns=list(TESTED))
+            null_frames.append(frame.assign(languages=languages, null=null,
+                                            draw=np.arange(len(frame)))[NULL_COLUMNS])
+    null_table = (pd.concat(null_frames, ignore_index=True) if null_frames
+                  else pd.DataFrame(columns=NULL_COLUMNS))
+    return LiknStatistics(pd.DataFrame(stats_rows, columns=STATS_COLUMNS),
+                          pd.DataFrame(layer_rows, columns=LAYER_COLUMNS), null_table)
+
+
+def _statistics_rows(sets: CodedSets, languages: str, draws: Mapping[str, np.ndarray],
+                     excluded: Mapping[str, str], seed: int, n_boot: int) -> list[dict]:
+    """STATS_COLUMNS rows of one language group: all facts, then each relation (then the
+    relations whose facts were all left out). ``draws[null]``: [n_perm, m] vectors of
+    :func:`_pairing_vector`."""
+    identity = [np.arange(len(sets.uuids))] * (len(sets.codes) - 1)
+    n_likn, n_kn, _ = pairing_overlap(sets, identity)
+    scopes = [("all", np.arange(len(sets.uuids)))] + [
+        (name, np.flatnonzero(sets.relations == r))
+        for r, name in enumerate(sets.relation_names)]
+    n_tested = len(scopes)  # the scopes with facts, in the order of the draw vectors
+    scopes += [(name, np.zeros(0, np.int64))
+               for name in sorted(set(excluded.values()) - set(sets.relation_names))]
     rows = []
-    for (languages, kind), group in table.groupby(["languages", "kind"], sort=True):
-        counts = Counter(int(layer) for layers in group["likn_layers"] for layer in layers)
-        rows += [dict(languages=languages, kind=kind, layer=layer, n_likn=n)
-                 for layer, n in sorted(counts.items())]
-    return pd.DataFrame(rows, columns=["languages", "kind", "layer", "n_likn"])
+    for s, (name, facts) in enumerate(scopes):
+        intervals = _fact_bootstrap(n_likn[facts], n_kn[:, facts],
+                                    [sets.uuids[u] for u in facts], n_boot,
+                                    _seed("likn-boot", seed, languages, name))
+        for j, statistic in enumerate(STATISTICS):
+            interval = intervals[statistic]
+            row = dict(languages=languages, relation=name, statistic=statistic,
+                       n_facts=len(facts),
+                       n_not_converged=sum(1 for r in excluded.values() if name in ("all", r)),
+                       estimate=interval.estimate, low=interval.low, high=interval.high,
+                       n_boot=interval.n_boot, n_perm=len(draws[NULLS[0]]))
+            tested = statistic in TESTED and s < n_tested and len(facts) > 0
+            for null in NULLS:
+                column = draws[null][:, s * len(STATISTICS) + j] if tested else np.zeros(0)
+                mean, low, high = _quantiles(column)
+                row.update({f"{null}_mean": mean, f"{null}_low": low, f"{null}_high": high,
+                            f"{null}_p": one_sided_pvalue(interval.estimate, column)})
+            rows.append(row)
+    return rows
+
+
+def fact_layer_counts(sets: CodedSets) -> np.ndarray:
+    """[n, n_layers]: each fact's LIKN neurons per layer under the real pairing."""
+    n = len(sets.uuids)
+    shared = shared_mask(sets, [np.arange(n)] * (len(sets.codes) - 1))
+    fact = np.nonzero(shared)[0]
+    counts = np.zeros((n, sets.n_layers), dtype=np.int64)
+    np.add.at(counts, (fact, sets.layer_of_code[sets.codes[0][shared]]), 1)
+    return counts
+
+
+def _layer_rows(sets: CodedSets, languages: str, observed: np.ndarray,
+                draws: Mapping[str, np.ndarray], seed: int, n_boot: int) -> list[dict]:
+    """LAYER_COLUMNS rows of one language group: the layers with LIKN neurons under the real
+    pairing or under some null draw."""
+    offset = (1 + len(sets.relation_names)) * len(STATISTICS)
+    counts = fact_layer_counts(sets).astype(float)
+    intervals = bootstrap(lambda idx: dict(enumerate(counts[idx].sum(axis=0).tolist())),
+                          list(sets.uuids), n_boot=n_boot, seed=seed) if len(counts) else {}
+    rows = []
+    for layer in range(sets.n_layers):
+        row = dict(languages=languages, layer=layer, n_facts=len(sets.uuids),
+                   n_likn=int(observed[offset + layer]), low=intervals[layer].low,
+                   high=intervals[layer].high)
+        for null in NULLS:
+            row.update(zip((f"{null}_{part}" for part in _NULL_PARTS),
+                           _quantiles(draws[null][:, offset + layer])))
+        if row["n_likn"] > 0 or any(row[f"{null}_high"] > 0 for null in NULLS):
+            rows.append(row)
+    return rows
+
+
+def _groups_in_order(table: pd.DataFrame, not_converged: Mapping) -> list[str]:
+    """The language groups of a table (and of the counts of left-out facts), in
+    :func:`language_groups` order."""
+    present = set(table["languages"]) | set(not_converged)
+    languages = sorted({lang for group in present for lang in group.split("+")})
+    return [g for g in ("+".join(t) for t in language_groups(languages)) if g in present]
+
+
+def _fact_bootstrap(n_likn: np.ndarray, n_kn: np.ndarray, uuids: Sequence[str], n_boot: int,
+                    seed: int) -> dict:
+    """Bootstrap intervals of STATISTICS over facts (one row per fact)."""
+    has = (n_likn > 0).astype(float)
+    share = shares_of_kn(n_likn, n_kn)
+    kn_mean = n_kn.mean(axis=0) if n_kn.size else np.zeros(0)
+
+    def statistic(rows):
+        return {"share_with_likn": _nanmean(has[rows]), "mean_likn": _nanmean(n_likn[rows]),
+                "likn_share_of_kn": _nanmean(share[rows]), "mean_kn": _nanmean(kn_mean[rows])}
+
+    return bootstrap(statistic, list(uuids), n_boot=n_boot, seed=seed)
 
 
 def find_likn(records: Mapping[str, pd.DataFrame], kn_threshold: float | Mapping[str, float],
-              max_kn: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The LIKN table, its statistics and layer counts from each language's attribution
-    records (``records[lang]``, the discovery shards of one model). ``kn_threshold``: one τ
-    for every language, or a map language -> τ (the authors use 0.3 for en, 0.2 for zh)."""
+              max_kn: int, seed: int, *, n_perm: int = N_PERM, n_boot: int = N_BOOT
+              ) -> tuple[pd.DataFrame, LiknStatistics]:
+    """The LIKN table and its statistics (:func:`likn_statistics`) from each language's
+    attribution records (``records[lang]``, the discovery shards of one model). Only the
+    true-object records whose attribution converged are used; a fact whose record did not
+    converge in a language of a group is left out of that group and counted.
+    ``kn_threshold``: one τ for every language, or a map language -> τ (the authors use 0.3
+    for en, 0.2 for zh)."""
     def tau(lang: str) -> float:
         return kn_threshold[lang] if isinstance(kn_threshold, Mapping) else kn_threshold
 
-    kn = {lang: knowledge_neurons_by_fact(table, tau(lang), max_kn)
-          for lang, table in records.items()}
     relations: dict[str, str] = {}
-    for table in records.values():
+    present, kept, kn = {}, {}, {}
+    for lang, table in records.items():
         true = table[table["candidate"] == "true"]
         for uuid, relation in zip(true["uuid"], true["relation"]):
             if relations.setdefault(uuid, relation) != relation:
                 raise ValueError(f"fact {uuid} has different relations across languages")
-    table = likn_table(kn, relations, seed)
-    return table, likn_statistics(table), likn_layer_counts(table)
+        ok = converged(true)
+        present[lang], kept[lang] = set(true["uuid"]), set(true.loc[ok, "uuid"])
+        kn[lang] = knowledge_neurons_by_fact(true[ok], tau(lang), max_kn)
+    not_converged = {}
+    for group in language_groups(sorted(records)):
+        left_out = (set.intersection(*(present[lang] for lang in group))
+                    - set.intersection(*(kept[lang] for lang in group)))
+        not_converged["+".join(group)] = {u: relations[u] for u in sorted(left_out)}
+    table = likn_table(kn, relations)
+    return table, likn_statistics(table, seed, not_converged=not_converged, n_perm=n_perm,
+                                  n_boot=n_boot)
 
 
 # ---- editing: neuron sets, sample, summary (model-free) -------------------------------------
@@ -287,40 +591,117 @@ def locality_facts(edited: str, candidates: Mapping[str, str], n: int, seed: int
     return sorted(other, key=lambda u: seeded_rank("likn-locality", seed, edited, u))[:n]
 
 
-def edit_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """SUMMARY_COLUMNS: means per (operation, neuron_set, edit_lang, eval_lang, target).
+def _edit_arrays(group: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per row of an edit-results group, the values whose means EDIT_METRICS are (NaN where
+    a row has no value: no wrong object, or P(true) before = 0 for the relative change)."""
+    before = group["p_true_before"].to_numpy(float)
+    after = group["p_true_after"].to_numpy(float)
+    wrong_before = pd.to_numeric(group["p_wrong_before"], errors="coerce").to_numpy(float)
+    wrong_after = pd.to_numeric(group["p_wrong_after"], errors="coerce").to_numpy(float)
+    has_wrong = np.isfinite(wrong_after)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(before > 0, (after - before) / before, np.nan)
+    success = np.where(has_wrong, pd.to_numeric(group["top1_wrong_after"], errors="coerce")
+                       .to_numpy(float), np.nan)
+    return {"p_true_before": before, "p_true_after": after, "delta_p_true": after - before,
+            "rel_change_p_true": rel,
+            "top1_true_before": group["top1_true_before"].astype(float).to_numpy(),
+            "top1_true_after": group["top1_true_after"].astype(float).to_numpy(),
+            "p_wrong_before": wrong_before, "p_wrong_after": wrong_after,
+            "delta_p_wrong": wrong_after - wrong_before, "edit_success": success}
+
+
+def edit_summary(results: pd.DataFrame, seed: int = 0, *, n_boot: int = N_BOOT
+                 ) -> pd.DataFrame:
+    """SUMMARY_COLUMNS: means per (operation, neuron_set, edit_lang, eval_lang, target), each
+    with its 95% cluster-bootstrap interval over the edited facts.
 
     ``delta_*`` = mean(after - before); ``rel_change_p_true`` = mean((after - before) /
     before) over rows with before > 0; ``top1_*`` = accuracy (share of rows); ``edit_success``
     = share of rows whose wrong object is top-1 after the intervention (NaN for unrelated
-    facts, which have no wrong object).
+    facts, which have no wrong object). The resamples are seeded by (seed, operation,
+    edit_lang, eval_lang, target), so the neuron sets of one scoring share them.
     """
     rows = []
     keys = ["operation", "neuron_set", "edit_lang", "eval_lang", "target"]
     for key, group in results.groupby(keys, sort=True):
-        before, after = group["p_true_before"], group["p_true_after"]
-        positive = before > 0
-        wrong_before = group["p_wrong_before"].astype(float)
-        wrong_after = group["p_wrong_after"].astype(float)
-        has_wrong = wrong_after.notna()
-        rows.append(dict(
-            zip(keys, key), n=int(len(group)), mean_neurons=float(group["n_neurons"].mean()),
-            p_true_before=float(before.mean()), p_true_after=float(after.mean()),
-            delta_p_true=float((after - before).mean()),
-            rel_change_p_true=float(((after - before)[positive] / before[positive]).mean())
-            if positive.any() else np.nan,
-            top1_true_before=float(group["top1_true_before"].astype(float).mean()),
-            top1_true_after=float(group["top1_true_after"].astype(float).mean()),
-            p_wrong_before=float(wrong_before.mean()) if has_wrong.any() else np.nan,
-            p_wrong_after=float(wrong_after.mean()) if has_wrong.any() else np.nan,
-            delta_p_wrong=float((wrong_after - wrong_before).mean())
-            if has_wrong.any() else np.nan,
-            edit_success=float(group.loc[has_wrong, "top1_wrong_after"].astype(float).mean())
-            if has_wrong.any() else np.nan))
+        values = _edit_arrays(group)
+
+        def statistic(idx, values=values):
+            return {m: _nanmean(values[m][idx]) for m in EDIT_METRICS}
+
+        operation, _, edit_lang, eval_lang, target = key
+        intervals = bootstrap(statistic, group["edited_uuid"].tolist(), n_boot=n_boot,
+                              seed=_seed("likn-edit", seed, operation, edit_lang, eval_lang,
+                                         target))
+        row = dict(zip(keys, key), n=int(len(group)), n_facts=int(group["edited_uuid"].nunique()),
+                   mean_neurons=float(group["n_neurons"].mean()))
+        for m in EDIT_METRICS:
+            row.update({m: intervals[m].estimate, f"{m}_low": intervals[m].low,
+                        f"{m}_high": intervals[m].high})
+        rows.append(row)
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     summary["_op"] = summary["operation"].map({op: i for i, op in enumerate(OPERATIONS)})
     return (summary.sort_values(["_op", "target", "edit_lang", "neuron_set", "eval_lang"],
                                 kind="stable").drop(columns="_op").reset_index(drop=True))
+
+
+def control_sets(names: Iterable[str]) -> list[str]:
+    """The control neuron sets among ``names`` in report order: likn_other, only_<lang>...,
+    random."""
+    rank = {"likn_other": 0, "random": 2}
+    return sorted({n for n in names if n != "likn"}, key=lambda n: (rank.get(n, 1), n))
+
+
+def edit_tests(results: pd.DataFrame, seed: int = 0, *, n_perm: int = N_PERM,
+               n_boot: int = N_BOOT) -> pd.DataFrame:
+    """TEST_COLUMNS: LIKN against every control set, paired by edited fact.
+
+    Per (operation, edit_lang, eval_lang), measure of TEST_MEASURES and control set: the
+    edited facts that both sets have (``likn_other`` lacks the facts without a large enough
+    other LIKN); the mean change under LIKN and under the control, the mean per-fact
+    difference LIKN - control with 95% bootstrap intervals over the facts (one resample for
+    all three), and the two-sided p-value of the swap test (the two sets' changes swapped
+    within a fact; :func:`kneurons.statistics.swap_test`). Uncorrected: the report corrects
+    its whole table (:func:`kneurons.statistics.holm`). Seeded by (seed, operation,
+    edit_lang, eval_lang, measure, control)."""
+    facts = results[results["target"] == "fact"]
+    rows = []
+    for (operation, edit_lang, eval_lang), group in facts.groupby(
+            ["operation", "edit_lang", "eval_lang"], sort=True):
+        by_set = {name: sub.drop_duplicates("edited_uuid").set_index("edited_uuid")
+                  for name, sub in group.groupby("neuron_set", sort=True)}
+        if "likn" not in by_set:
+            continue
+        for measure in TEST_MEASURES.get(operation, ()):
+            for control in control_sets(by_set):
+                shared = sorted(set(by_set["likn"].index) & set(by_set[control].index))
+                if not shared:
+                    continue
+                a = _edit_arrays(by_set["likn"].loc[shared])[measure]
+                b = _edit_arrays(by_set[control].loc[shared])[measure]
+                ok = np.isfinite(a) & np.isfinite(b)
+                a, b, uuids = a[ok], b[ok], [u for u, k in zip(shared, ok) if k]
+                if not len(uuids):
+                    continue
+                parts = ("likn-test", seed, operation, edit_lang, eval_lang, measure, control)
+                intervals = bootstrap(
+                    lambda idx: {"likn": float(a[idx].mean()), "control": float(b[idx].mean()),
+                                 "difference": float((a[idx] - b[idx]).mean())},
+                    uuids, n_boot=n_boot, seed=_seed(*parts))
+                _, p = swap_test(lambda v, idx: float(v[idx].mean()), a, b, uuids,
+                                 n_perm=n_perm, seed=_seed(*parts, "swap"))
+                row = dict(operation=operation, edit_lang=edit_lang, eval_lang=eval_lang,
+                           measure=measure, control=control, n_facts=len(uuids), p=p)
+                for name, out in (("likn", "likn"), ("control", "control_value"),
+                                  ("difference", "difference")):
+                    row.update({out: intervals[name].estimate, f"{out}_low": intervals[name].low,
+                                f"{out}_high": intervals[name].high})
+                rows.append(row)
+    tests = pd.DataFrame(rows, columns=TEST_COLUMNS)
+    tests["_op"] = tests["operation"].map({op: i for i, op in enumerate(OPERATIONS)})
+    return (tests.sort_values(["_op", "edit_lang", "eval_lang", "measure"], kind="stable")
+            .drop(columns="_op").reset_index(drop=True))
 
 
 # ---- the model: scoring, erasing, editing value slots ----------------------------------------
@@ -401,14 +782,14 @@ def cross_lingual_editing(lm: LanguageModel, facts: Mapping[str, pd.DataFrame],
 
     ``facts[lang]``: the discovery facts of each of the model's languages (uuid, relation,
     template, sub_label, obj_label, wrong_obj_label); ``likn``: a :func:`likn_table` (its
-    fact rows of the group of all ``facts`` languages give each fact's KN per language).
+    rows of the group of all ``facts`` languages give each fact's KN per language).
     See the module docstring for the sets, operations and measures.
     """
     languages = sorted(facts)
     group = "+".join(languages)
-    rows = likn[(likn["kind"] == "fact") & (likn["languages"] == group)]
+    rows = likn[likn["languages"] == group]
     if rows.empty:
-        raise ValueError(f"the LIKN table has no fact rows for the languages {group}")
+        raise ValueError(f"the LIKN table has no rows for the languages {group}")
     indexed = {lang: table.set_index("uuid", drop=False) for lang, table in facts.items()}
     common_uuids = set.intersection(*(set(t.index) for t in indexed.values()))
     sets = {}

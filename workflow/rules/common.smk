@@ -44,7 +44,7 @@ VERSIONS = {
     "attribution": 2,  # 2: scores stored as float32
     "dkn": 3,  # 2: calibration facts excluded; neurons.dkn_count; 3: controls, stability
     "factcheck": 3,  # 3: baselines, controls, intervals, tests, converged records only
-    "likn": 2,
+    "likn": 3,  # 3: permutation nulls, intervals, paired tests
     "localization": 1,
     "import": 1,  # = kneurons.gguf.IMPORT_VERSION
 }

@@ -1,5 +1,6 @@
-# Stage 6: language-independent knowledge neurons (LIKN) of the models with several languages,
-# the cross-lingual erasing and editing experiment, and its report.
+# Stage 6: language-independent knowledge neurons (LIKN) of the models with several languages
+# against permutation nulls, the cross-lingual erasing and editing experiment with paired
+# tests, and its report.
 
 
 rule find_likn:
@@ -9,6 +10,7 @@ rule find_likn:
         likn="results/neurons/{model}/likn.parquet",
         stats="results/neurons/{model}/likn_stats.csv",
         layers="results/neurons/{model}/likn_layers.csv",
+        null="results/neurons/{model}/likn_null.parquet",
     log:
         "logs/neurons/{model}/find_likn.log",
     localrule: True
@@ -34,6 +36,7 @@ rule edit_likn:
     output:
         edits="results/neurons/{model}/likn_edit.parquet",
         summary="results/neurons/{model}/likn_edit_summary.csv",
+        tests="results/neurons/{model}/likn_edit_tests.csv",
     log:
         "logs/neurons/{model}/edit_likn.log",
     benchmark:
@@ -64,9 +67,11 @@ rule report_likn:
     input:
         stats=expand("results/neurons/{model}/likn_stats.csv", model=LIKN_MODELS),
         layers=expand("results/neurons/{model}/likn_layers.csv", model=LIKN_MODELS),
+        nulls=expand("results/neurons/{model}/likn_null.parquet", model=LIKN_MODELS),
         summaries=expand(
             "results/neurons/{model}/likn_edit_summary.csv", model=LIKN_MODELS
         ),
+        tests=expand("results/neurons/{model}/likn_edit_tests.csv", model=LIKN_MODELS),
     output:
         csv=report(
             "results/reports/likn.csv",
@@ -78,11 +83,22 @@ rule report_likn:
             caption="../report/likn_edit.rst",
             category="Language-independent knowledge neurons",
         ),
+        tests_csv=report(
+            "results/reports/likn_edit_tests.csv",
+            caption="../report/likn_edit_tests.rst",
+            category="Language-independent knowledge neurons",
+        ),
         md=report(
             "results/reports/likn.md",
             caption="../report/likn.rst",
             category="Language-independent knowledge neurons",
         ),
+        likn_null_png=report(
+            "results/reports/figures/likn_null.png",
+            caption="../report/likn_null.rst",
+            category="Language-independent knowledge neurons",
+        ),
+        likn_null_svg="results/reports/figures/likn_null.svg",
         likn_layers_png=report(
             "results/reports/figures/likn_layers.png",
             caption="../report/likn_layers.rst",
