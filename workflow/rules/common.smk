@@ -36,7 +36,7 @@ VERSIONS = {
     "dkn": 2,  # 2: calibration facts excluded; neurons.dkn_count
     "factcheck": 2,  # 2: λ settings, both populations, dropped facts counted
     "likn": 2,
-    "localization": 1,
+    "localization": 2,  # 2: deletion curves at equal k, matched controls, gxi, Holm
     "import": 1,  # = kneurons.gguf.IMPORT_VERSION
 }
 
