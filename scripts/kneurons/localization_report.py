@@ -53,7 +53,7 @@ def _num(value, fmt: str = "{:+.3g}") -> str:
     return "n/a" if value is None or pd.isna(value) else fmt.format(value)
 
 
-def _ci(estimate, low, high, fmt: str = "{:+.2f}") -> str:
+def _ci(estimate, low, high, fmt: str = "{:+.2g}") -> str:
     if pd.isna(estimate):
         return "n/a"
     if pd.isna(low) or pd.isna(high):
@@ -204,8 +204,10 @@ def plot_localization_curves(stats: pd.DataFrame, out_png, out_svg,
             ks = sorted(int(k) for k in mine["k"].unique())
             ax.set_xticks(ks, [str(k) for k in ks])
             ax.minorticks_off()
+            ylim = ax.get_ylim()  # the lines below do not stretch the data's scale
             ax.axhline(0, color="grey", linewidth=0.8)
             ax.axhline(-0.5, color="grey", linewidth=0.8, linestyle=":")
+            ax.set_ylim(min(ylim[0], -0.02), max(ylim[1], 0.02))
             ax.set_xlabel("k (neurons erased)")
             ax.set_ylabel("median (after - before) / before")
             n = int(mine["n_facts"].max())
