@@ -1,4 +1,4 @@
-"""Rule localize_neurons: erase and enhance the AMIG and IG knowledge neurons of a sample."""
+"""Rule localize_neurons: deletion curves and KN interventions of a sample (kneurons.localization)."""
 import pandas as pd
 import torch
 
@@ -17,7 +17,8 @@ localize_to(
     quadrature=attribution["quadrature"], kn_threshold=float(params.neurons["kn_threshold"]),
     max_kn=params.neurons["max_kn"], sample=stage["sample"],
     n_related=stage["related_facts"], n_unrelated=stage["unrelated_facts"],
-    enhance_factor=stage["enhance_factor"], seed=stage["seed"],
+    enhance_factor=stage["enhance_factor"], deletion_k=stage["deletion_k"],
+    control_pool=stage["control_pool"], seed=stage["seed"],
     batch_facts=snakemake.resources.get("batch_facts", 4),
     batch_rows=snakemake.resources.get("batch_rows", 32), identity=params.model,
     progress=progress)

@@ -11,4 +11,4 @@ runs = {pair: pd.read_parquet(path)
         for pair, path in zip(science["pairs"], snakemake.input.tables)}
 figures = {name: (output[f"{name}_png"], output[f"{name}_svg"]) for name in FIGURES}
 localization_report(runs, output.csv, output.paired_csv, output.completeness_csv, output.md,
-                    figures)
+                    figures, seed=science["seed"])

@@ -45,7 +45,7 @@ VERSIONS = {
     "dkn": 3,  # 2: calibration facts excluded; neurons.dkn_count; 3: controls, stability
     "factcheck": 3,  # 3: baselines, controls, intervals, tests, converged records only
     "likn": 3,  # 3: permutation nulls, intervals, paired tests
-    "localization": 1,
+    "localization": 2,  # 2: deletion curves at equal k, matched controls, gxi, Holm
     "import": 1,  # = kneurons.gguf.IMPORT_VERSION
 }
 

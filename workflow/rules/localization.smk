@@ -1,6 +1,7 @@
-# Stage 7: the localization evaluation. Are they knowledge neurons? Erase and enhance the KN that
-# AMIG and IG find for a seeded sample of discovery facts, against random and activation
-# controls (kneurons.localization), and its report.
+# Stage 7: the localization evaluation. Are they knowledge neurons? Deletion curves at equal k
+# (AMIG, IG, gradient x input, activation) and the KN of AMIG and IG erased and enhanced, each
+# against a control matched on activation magnitude, for a seeded sample of discovery facts
+# (kneurons.localization), and its report (docs/localization.md).
 
 
 rule localize_neurons:
@@ -46,6 +47,8 @@ rule localize_neurons:
             "related_facts": config["localization"]["related_facts"],
             "unrelated_facts": config["localization"]["unrelated_facts"],
             "enhance_factor": config["localization"]["enhance_factor"],
+            "deletion_k": list(config["localization"]["deletion_k"]),
+            "control_pool": config["localization"]["control_pool"],
             "seed": config["seed"],
             "version": VERSIONS["localization"],
         },
@@ -77,6 +80,12 @@ rule report_localization:
             caption="../report/localization.rst",
             category="Localization: erase and enhance",
         ),
+        localization_curves_png=report(
+            "results/reports/figures/localization_curves.png",
+            caption="../report/localization_curves.rst",
+            category="Localization: erase and enhance",
+        ),
+        localization_curves_svg="results/reports/figures/localization_curves.svg",
         localization_change_png=report(
             "results/reports/figures/localization_change.png",
             caption="../report/localization_change.rst",
@@ -97,6 +106,7 @@ rule report_localization:
     params:
         science={
             "pairs": [f"{model}/{lang}" for model, lang in model_lang_pairs()],
+            "seed": config["seed"],
             "version": VERSIONS["localization"],
         },
     script:
