@@ -40,7 +40,7 @@ check_types(config, SCHEMA)  # 20.0 is no integer, NaN no number
 # reruns it (the library is not tracked as code by Snakemake).
 VERSIONS = {
     "data": 1,
-    "toy": 2,  # = kneurons.toy.TOY_VERSION
+    "toy": 3,  # = kneurons.toy.TOY_VERSION; 3: 30 epochs of 64
     "attribution": 2,  # 2: scores stored as float32
     "dkn": 3,  # 2: calibration facts excluded; neurons.dkn_count; 3: controls, stability
     "factcheck": 3,  # 3: baselines, controls, intervals, tests, converged records only

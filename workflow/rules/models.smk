@@ -22,7 +22,9 @@ rule train_toy_model:
         model=model_aliases("toy"),
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    # one thread: the two toy models train side by side on two cores (a second thread
+    # gains these small models little)
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
