@@ -303,11 +303,12 @@ def test_a_dkn_change_reruns_the_checked_attribution_only_where_its_layers_chang
         assert all(not layers for sets in after.values() for layers in sets.values())
     assert planned(workdir, changed) == expected
     # back to the run's config, for real: the DKN are those of before, so are the layer sets,
-    # and no attribute_checked job runs (the dry run before it planned them all)
+    # and no attribute_checked job runs (the dry run before it planned them all); nor does
+    # fact checking, whose DKN file has the content it last read (Snakemake compares checksums)
     restored = run_workflow(workdir, config)
     ran = executed(restored)
-    assert ran["aggregate_dkn"] == 4 and ran["fact_check"] == 4
-    assert "attribute_checked" not in ran and "attribute_shard" not in ran
+    assert ran["aggregate_dkn"] == 4
+    assert not {"attribute_checked", "attribute_shard", "fact_check"} & set(ran), ran
     assert layer_sets(workdir) == before
     assert planned(workdir, config) == {}
 
