@@ -71,7 +71,8 @@ def test_paper_config_plans_without_toy_models_or_our_data_folder():
     counts = job_counts(result.stdout)
     assert counts["download_mlama"] == 1
     assert "train_toy_model" not in counts  # the default's toy models are not merged in
-    # m-bert and m-gpt on en and zh, bert and gpt2 on en: 6 pairs, 2 parts, 16 shards
+    # m-bert and m-gpt on en and zh, bert and gpt2 on en: 6 pairs, 16 shards; the discovery
+    # part before the DKN, evaluation and calibration after
     assert counts["attribute_shard"] == 6 * 16
     assert counts["attribute_checked"] == 6 * 2 * 16
     assert counts["find_likn"] == counts["edit_likn"] == 2  # m-bert and m-gpt only

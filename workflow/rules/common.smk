@@ -34,7 +34,8 @@ SCHEMA_PATH = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.y
 SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
 coerce_strings(config, SCHEMA)  # nested --config values arrive as strings
 if (problem := schema_error(config, SCHEMA)) is not None:
-    raise ValueError(problem)  # one paragraph, not Snakemake's print of the whole schema
+    # one paragraph, not Snakemake's print of the whole schema
+    raise ValueError(problem)
 validate(config, str(SCHEMA_PATH))  # fills in the schema's defaults
 check_types(config, SCHEMA)  # 20.0 is no integer, NaN no number
 
@@ -100,7 +101,8 @@ def _check_config():
             raise ValueError(
                 f"config: models.{alias}.hf_id {hf_id!r} is a local path that does not exist"
             )
-    check_models(MODELS)  # unsupported architectures and truncated GGUF files, at plan time
+    # unsupported architectures and truncated GGUF files, at plan time
+    check_models(MODELS)
 
 
 MLAMA_CHECKSUMS = Path(workflow.basedir) / "resources" / "mlama1.1-en-zh.sha256"
@@ -199,7 +201,8 @@ def model_params(wildcards):
 @functools.cache
 def model_weights(source, revision):
     """A hub or local model's identity at plan time (kneurons.checkpoint.model_identity), once
-    per invocation; local digests are cached under .snakemake/ by file size and mtime."""
+    per invocation; local digests are cached under .snakemake/ by file size and mtime.
+    """
     from kneurons.checkpoint import model_identity
 
     return model_identity(
