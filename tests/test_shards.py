@@ -12,7 +12,7 @@ from kneurons.queries import encode_query
 from kneurons.neurons import top_neurons
 from kneurons.factcheck import dkn_scores
 from kneurons.records import (COMPLETENESS_TOLERANCE, converged, neuron_scores, read_shard,
-                              score_matrix, with_full_matrices, write_shard)
+                              score_matrix, write_shard)
 from kneurons.shards import attribute_candidates, candidate_table, run_shard, shard_of
 
 
@@ -197,9 +197,9 @@ def test_records_on_their_relations_layers_keep_the_full_attributions_scores(
     assert all(len(layers) == 0 and len(top) == 0
                for layers, top in zip(part.loc[p2, "layers"], part.loc[p2, "top_layers"]))
     assert part.loc[p2, "completeness_error"].isna().all() and converged(part[p2]).all()
-    # the DKN scores of fact checking, to float rounding (through the reader of whole matrices)
+    # the DKN scores of fact checking, to float rounding
     dkn = {"P1": [(last, 0), (last, 3), (last, lm.d_ff - 1)], "P2": []}
-    ours = dkn_scores(with_full_matrices(part, lm.n_layers, lm.d_ff), dkn, lm.n_layers, lm.d_ff)
+    ours = dkn_scores(part, dkn, lm.n_layers, lm.d_ff)
     today = dkn_scores(full, dkn, lm.n_layers, lm.d_ff)
     np.testing.assert_allclose(ours["dkn_score"], today["dkn_score"], rtol=1e-5, atol=1e-9)
     assert ours["dkn_score"].notna().sum() == ours["has_dkn"].sum() == p1.sum()
@@ -334,11 +334,6 @@ def test_neuron_scores_read_records_stored_on_some_layers():
     assert np.isnan(got[1, 0]) and got[1, 1:].tolist() == [103.0, 100.0]  # layer 0 not stored
     assert np.isnan(got[2]).all()  # no attribution
     assert got[3].tolist() == [1.0, 11.0, 8.0]  # a missing value: every layer
-    whole = with_full_matrices(records, 3, 4)
-    assert whole["scores"].iat[0] == full.tobytes() and whole["scores"].iat[2] is None
-    back = score_matrix(whole["scores"].iat[1], 3, 4)
-    assert np.isnan(back[:2]).all() and back[2].tolist() == [100, 101, 102, 103]
-    np.testing.assert_array_equal(neuron_scores(whole, [(0, 1), (2, 3), (2, 0)], 3, 4), got)
     with pytest.raises(ValueError, match=r"48 bytes of scores; expected 16 \(float32 \[1, 4\]\)"):
         neuron_scores(records.assign(layers=[[0, 1, 2], [1], [], None],
                                      scores=[full.tobytes(), full.tobytes(), None, None]),

@@ -192,22 +192,6 @@ def neuron_scores(records: pd.DataFrame, neurons: Sequence[tuple[int, int]], n_l
     return out
 
 
-def with_full_matrices(records: pd.DataFrame, n_layers: int, d_ff: int) -> pd.DataFrame:
-    """``records`` with every stored ``scores`` as float32 [n_layers, d_ff] (NaN on the layers
-    a record was not attributed on) and ``layers`` every layer: the earlier format, for
-    readers of whole matrices."""
-    every = list(range(n_layers))
-    blobs = []
-    for blob, layers in zip(records["scores"], record_layers(records, n_layers)):
-        if blob is None or len(layers) == n_layers:
-            blobs.append(blob)
-            continue
-        full = np.full((n_layers, d_ff), np.nan, dtype=SCORE_DTYPE)
-        full[layers] = np.frombuffer(blob, dtype=SCORE_DTYPE).reshape(len(layers), d_ff)
-        blobs.append(full.tobytes())
-    return records.assign(scores=blobs, layers=[every] * len(records))
-
-
 def attributed_layers(document: Mapping) -> dict[str, list[int]]:
     """relation -> the layers its fact-checked records are attributed on, from the DKN stage's
     JSON (``results/neurons/{model}/{lang}/dkn_by_relation.json``): each relation's
