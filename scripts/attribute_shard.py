@@ -1,4 +1,5 @@
-"""Rule attribute_shard: AMIG/IG attribution of one shard of a part's facts (GPU if present)."""
+"""Rule attribute_shard: AMIG/IG attribution of one shard of the discovery facts' true objects,
+on every layer (GPU if present)."""
 import pandas as pd
 import torch
 
@@ -14,7 +15,8 @@ lm = load_job_model(params.model)
 run_shard(
     lm, pd.read_parquet(snakemake.input.facts), part=wildcards.part, shard=int(wildcards.shard),
     n_shards=science["shards"], method=science["method"], steps=science["steps"],
-    quadrature=science["quadrature"], keep_top=science["keep_top"], output=snakemake.output[0],
+    max_steps=science["max_steps"], quadrature=science["quadrature"],
+    keep_top=science["keep_top"], output=snakemake.output[0],
     batch_queries=snakemake.resources.get("batch_queries", 8), progress=progress,
     identity=params.model,
 )

@@ -12,7 +12,8 @@ from kneurons.records import read_shards
 configure(snakemake.log[0])
 science = snakemake.params.science
 evaluation, meta = read_shards(snakemake.input.evaluation)
-discovery, _ = read_shards(snakemake.input.discovery)
+# the calibration slice: true objects in the discovery shards, wrong ones in the calibration shards
+discovery, _ = read_shards([*snakemake.input.discovery, *snakemake.input.calibration])
 result = check_facts(evaluation, discovery, read_json(snakemake.input.dkn), meta["n_layers"],
                      meta["d_ff"], science["thresholds"], pd.read_parquet(snakemake.input.facts),
                      seed=science["seed"])

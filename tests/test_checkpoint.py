@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import build
@@ -166,7 +167,8 @@ def restore_logging():
 
 def run_detect_dkn(folder, attribution, facts, out, log):
     snakemake = Namespace(
-        log=[str(log)], threads=1, output=[str(out)],
+        log=[str(log)], threads=1,
+        output=Namespace(dkn=str(out), activation=str(out).replace(".parquet", ".activation.npz")),
         input=Namespace(attribution=str(attribution), facts=str(facts), model=str(folder)),
         params=Namespace(model={"source": str(folder), "arch": "masked", "revision": None,
                                 "trust_remote_code": False, "toy": True},
@@ -211,6 +213,11 @@ def test_a_resumed_dkn_job_after_a_change_equals_a_clean_run(models, tmp_path, m
     # the change matters: the stale rows differ from the clean ones
     assert not stale.equals(clean.iloc[:len(stale)].reset_index(drop=True))
     pd.testing.assert_frame_equal(resumed, clean)
+    # the activation statistics of the same queries: every non-calibration fact, once
+    with np.load(str(out).replace(".parquet", ".activation.npz")) as stats:
+        assert stats["relations"].tolist() == ["P1", "P2"]
+        assert stats["counts"].sum() == len(clean) == 18  # 24 facts, 6 of them calibration
+        assert stats["sums"].shape == (2, a.n_layers, a.d_ff) and (stats["sums"] > 0).all()
     log = (tmp_path / "resumed.log").read_text()
     part = {"weights": "model_weights", "attribution": "input attribution"}[change]
     assert f"{part} changed" in log

@@ -29,3 +29,20 @@ def test_empty_runs_and_flagging():
     assert "WARNING" in page and "m zh evaluation" in page and "m en discovery" not in page
     clean = completeness_markdown(table.iloc[[0]], "amig", 10, "riemann")
     assert "WARNING" not in clean and "within the tolerance" in clean
+
+
+def test_refined_and_non_converged_queries_are_counted():
+    # steps 10: two queries refined (20, 40 nodes), one of them still above the tolerance;
+    # a query without attribution (steps 0, NaN error) counts as neither
+    records = pd.DataFrame({"completeness_error": [0.01, 0.03, 0.2, np.nan],
+                            "steps": [10, 20, 40, 0], "converged": [True, True, False, True]})
+    old = pd.DataFrame({"completeness_error": [0.01, 0.2]})  # a shard before these columns
+    table = completeness_table([("m", "en", "evaluation", records), ("m", "en", "discovery", old)],
+                               steps=10)
+    assert table["n_queries"].tolist() == [3, 2]
+    assert table["n_refined"].tolist() == [2, 0]
+    assert table["n_not_converged"].tolist() == [1, 0]
+    page = completeness_markdown(table, "amig", 10, "riemann", max_steps=40)
+    assert "| m | en | evaluation | 3 | 0.03 | 0.17 | 0.2 | 1 (33%) | 2 | 1 |" in page
+    assert "up to 40" in page and "left out of every result" in page
+    assert "No refinement" in completeness_markdown(table, "amig", 10, "riemann")

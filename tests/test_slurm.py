@@ -55,8 +55,8 @@ def test_default_workflow_runs_through_sbatch(slurm_cluster, tmp_path):
         ["timeout", "-s", "KILL", "1500", str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"),
          "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
          "--workflow-profile", str(REPO / "profiles" / "slurm"),
-         "--set-resources", "attribute_shard:mem_mb=1500", "detect_dkn:mem_mb=1500",
-         "edit_likn:mem_mb=1500"],
+         "--set-resources", "attribute_shard:mem_mb=1500", "attribute_checked:mem_mb=1500",
+         "detect_dkn:mem_mb=1500", "edit_likn:mem_mb=1500"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # how many GPU jobs SLURM holds at once (pending or running): with a global gpu=1 cap
     # (profiles/default next to a --profile) Snakemake submitted them one at a time
@@ -71,8 +71,8 @@ def test_default_workflow_runs_through_sbatch(slurm_cluster, tmp_path):
     assert most >= 2, f"at most {most} attribution job(s) in SLURM's queue at once"
     assert (workdir / "results" / "reports" / "fact_check.md").exists()
     jobs = (slurm_cluster / "log" / "jobcomp.txt").read_text().splitlines()
-    # train_toy_model 2 + attribute_shard 8 + detect_dkn 4 + edit_likn 2 + localize_neurons 4
-    # went through sbatch; light rules ran locally
-    assert len(jobs) == 20 and all("JobState=COMPLETED" in job for job in jobs)
+    # train_toy_model 2 + attribute_shard 4 + attribute_checked 8 + detect_dkn 4 + edit_likn 2
+    # + localize_neurons 4 went through sbatch; light rules ran locally
+    assert len(jobs) == 24 and all("JobState=COMPLETED" in job for job in jobs)
     logs = list((workdir / "logs" / "attribution").rglob("*.log"))
     assert logs and all("assigned by SLURM, CUDA_VISIBLE_DEVICES=" in log.read_text() for log in logs)

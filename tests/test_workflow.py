@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -93,6 +94,9 @@ def finished_run(tmp_path_factory):
     config["mlama"]["relations"] = ["P36", "P37"]
     config["toy"] = dict(TINY_TOY)
     config["attribution"].update(steps=3, shards=2)
+    # any pair whose joint suppression lowers P(true) is degenerate: every relation has DKN,
+    # so the fact-checked candidates are attributed on their DKN's layers (none otherwise)
+    config["neurons"]["dkn_pair_drop"] = 0.0
     run_workflow(workdir, config)
     return workdir, config
 
@@ -118,9 +122,31 @@ def test_the_whole_dag_produces_table_3(finished_run):
     for name in ("dkn_layers", "f1_vs_lambda", "roc", "per_relation_f1"):
         assert (reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert (reports / "figures" / f"{name}.svg").stat().st_size > 0
-    shard = workdir / "results" / "attribution" / "toy-bert" / "en" / "evaluation" / "shard-0.parquet"
-    records = pd.read_parquet(shard)
-    assert set(records["candidate"]) == {"true", "wrong"} and records["scores"].notna().all()
+    attribution = workdir / "results" / "attribution" / "toy-bert" / "en"
+    records = pd.read_parquet(attribution / "evaluation" / "shard-0.parquet")
+    assert set(records["candidate"]) == {"true", "wrong"} and records["checked"].all()
+    # attributed on the layers of the relation's DKN and control sets, read from aggregate_dkn
+    dkn = json.loads((workdir / "results" / "neurons" / "toy-bert" / "en" /
+                      "dkn_by_relation.json").read_text())["relations"]
+    assert any(entry["layers"] for entry in dkn.values())
+    for row in records.itertuples():
+        layers = dkn[row.relation]["layers"]
+        assert list(row.layers) == layers
+        assert (row.scores is not None) == bool(layers)
+        assert (row.steps >= 3) if layers else (row.steps == 0)
+    calibration = pd.read_parquet(attribution / "calibration" / "shard-0.parquet")
+    assert (calibration["candidate"] == "wrong").all() and calibration["checked"].all()
+    discovery = pd.read_parquet(attribution / "discovery" / "shard-0.parquet")
+    assert (discovery["candidate"] == "true").all()
+    assert set(calibration["uuid"]) == set(discovery.loc[discovery["checked"], "uuid"])
+    with np.load(workdir / "results" / "neurons" / "toy-bert" / "en" / "dkn" /
+                 "shard-0.activation.npz") as activation:
+        detected = pd.read_parquet(workdir / "results" / "neurons" / "toy-bert" / "en" / "dkn" /
+                                   "shard-0.parquet")
+        assert activation["counts"].sum() == len(detected)
+    completeness = pd.read_csv(reports / "completeness.csv")
+    assert len(completeness) == 4 * 3  # model-language pairs x parts
+    assert {"n_refined", "n_not_converged"} <= set(completeness.columns)
     metrics = json.loads((workdir / "results" / "models" / "toy-gpt" / "train_metrics.json").read_text())
     assert set(metrics["accuracy"]) == {"en", "zh"}
     log = (workdir / "logs" / "attribution" / "toy-bert" / "en" / "evaluation" / "shard-0.log").read_text()
@@ -179,35 +205,53 @@ def planned(workdir: Path, config: dict, *args: str) -> dict[str, int]:
     return job_counts(result.stdout)
 
 
+# A dry run cannot know the layer sets that aggregate_dkn (a checkpoint) will write: after a
+# DKN change it plans every attribute_checked job of the model-language pairs whose DKN are
+# aggregated again ("DAG of jobs will be updated after completion"), and the convergence report
+# that reads their shards. What then really runs is tested below
+# (test_a_dkn_change_reruns_the_checked_attribution_only_where_its_layers_change).
+PENDING_CHECKED = {"attribute_checked": 16, "report_completeness": 1}
+
+
 @pytest.mark.parametrize(("change", "expected"), [
     (lambda c: c, {}),
     (lambda c: c["factcheck"].update(thresholds=["auto", 0.001]),
      {"fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1}),
     (lambda c: c["neurons"].update(kn_threshold={"en": 0.2, "zh": 0.3}),
      {"localize_neurons": 2, "report_localization": 1, "detect_dkn": 4, "aggregate_dkn": 2, "fact_check": 2, "report_fact_check": 1,
-      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1}),
+      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1,
+      "attribute_checked": 8, "report_completeness": 1}),
     (lambda c: c["neurons"].update(dkn_count="pair"),
-     {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1}),
+     {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1,
+      **PENDING_CHECKED}),
     (lambda c: c["neurons"].update(dkn_pair_drop=0.3),
-     {"detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1}),
+     {"detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1,
+      **PENDING_CHECKED}),
     (lambda c: c["neurons"].update(relation_threshold=0.5),
-     {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1}),
+     {"aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1,
+      **PENDING_CHECKED}),
     (lambda c: c["split"].update(discovery_fraction=0.7),
-     {"localize_neurons": 4, "report_localization": 1, "split_facts": 1, "attribute_shard": 16, "report_completeness": 1, "detect_dkn": 8, "aggregate_dkn": 4,
+     {"localize_neurons": 4, "report_localization": 1, "split_facts": 1, "attribute_shard": 8, "report_completeness": 1, "detect_dkn": 8, "aggregate_dkn": 4,
       "fact_check": 4, "report_fact_check": 1, "find_likn": 2, "edit_likn": 2,
-      "report_likn": 1, "summarize_run": 1, "all": 1}),
+      "report_likn": 1, "summarize_run": 1, "all": 1, "attribute_checked": 16}),
     (lambda c: c.update(seed=7),
-     {"localize_neurons": 4, "report_localization": 1, "corrupt_facts": 1, "split_facts": 1, "train_toy_model": 2, "attribute_shard": 16, "report_completeness": 1,
+     {"localize_neurons": 4, "report_localization": 1, "corrupt_facts": 1, "split_facts": 1, "train_toy_model": 2, "attribute_shard": 8, "report_completeness": 1,
       "detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1,
-      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1}),
+      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1,
+      "attribute_checked": 16}),
     (lambda c: c["likn"].update(edit_sample=3), {"edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1}),
     (lambda c: c["likn"].update(lambda2=4.0), {"edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1}),
     (lambda c: c["neurons"].update(max_kn=10),
      {"localize_neurons": 4, "report_localization": 1, "detect_dkn": 8, "aggregate_dkn": 4, "fact_check": 4, "report_fact_check": 1,
-      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1}),
+      "find_likn": 2, "edit_likn": 2, "report_likn": 1, "summarize_run": 1, "all": 1,
+      **PENDING_CHECKED}),
     (lambda c: c["models"].update({"toy-gpt-en": {"toy": True, "arch": "causal", "languages": ["en"]}}),
-     {"localize_neurons": 1, "report_localization": 1, "train_toy_model": 1, "attribute_shard": 4, "report_completeness": 1, "detect_dkn": 2, "aggregate_dkn": 1,
-      "fact_check": 1, "report_fact_check": 1, "summarize_run": 1, "all": 1}),
+     {"localize_neurons": 1, "report_localization": 1, "train_toy_model": 1, "attribute_shard": 2, "report_completeness": 1, "detect_dkn": 2, "aggregate_dkn": 1,
+      "fact_check": 1, "report_fact_check": 1, "summarize_run": 1, "all": 1, "attribute_checked": 4}),
+    # every layer for the fact-checked candidates: their jobs only, not the discovery part
+    (lambda c: c["attribution"].update(full_matrices=True),
+     {"attribute_checked": 16, "fact_check": 4, "report_completeness": 1, "report_fact_check": 1,
+      "summarize_run": 1, "all": 1}),
 ])
 def test_config_changes_rerun_only_what_they_change(finished_run, change, expected):
     workdir, config = finished_run
@@ -216,6 +260,57 @@ def test_config_changes_rerun_only_what_they_change(finished_run, change, expect
     counts = planned(workdir, changed)
     assert counts == expected
     run_workflow(workdir, config, "-n")  # leave the config as it was
+
+
+def executed(result) -> dict[str, int]:
+    """{rule: jobs} that a (real) run started, from its console output."""
+    counts: dict[str, int] = {}
+    for rule in re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", result.stdout + result.stderr,
+                           flags=re.M):
+        counts[rule] = counts.get(rule, 0) + 1
+    return counts
+
+
+def layer_sets(workdir: Path) -> dict:
+    return {str(path.relative_to(workdir)): {r: e["layers"] for r, e in
+                                             json.loads(path.read_text())["relations"].items()}
+            for path in sorted((workdir / "results" / "neurons").glob("*/*/dkn_by_relation.json"))}
+
+
+@pytest.mark.parametrize(("change", "alters", "expected"), [
+    # no degenerate pair at all: every relation loses its DKN, controls and layers
+    (lambda c: c["neurons"].update(dkn_pair_drop=1.0), True,
+     {"attribute_checked": 16, "fact_check": 4, "report_completeness": 1,
+      "report_fact_check": 1, "summarize_run": 1, "all": 1}),
+    # fewer DKN, the same layers
+    (lambda c: c["neurons"].update(relation_threshold=0.9), False,
+     {"fact_check": 4, "report_fact_check": 1, "summarize_run": 1, "all": 1}),
+])
+def test_a_dkn_change_reruns_the_checked_attribution_only_where_its_layers_change(
+        finished_run, change, alters, expected):
+    """Once aggregate_dkn (a checkpoint) has run, the layer sets are known: a DKN change that
+    alters a model-language's layer sets reruns its attribute_checked jobs (and fact checking
+    and the reports), one that keeps them reruns none of them; a dry run after the DKN stage
+    says exactly that, and a real run does it."""
+    workdir, config = finished_run
+    before = layer_sets(workdir)
+    changed = json.loads(json.dumps(config))
+    change(changed)
+    run_workflow(workdir, changed, "--until", "aggregate_dkn")
+    after = layer_sets(workdir)
+    assert (after != before) == alters
+    if alters:
+        assert all(not layers for sets in after.values() for layers in sets.values())
+    assert planned(workdir, changed) == expected
+    # back to the run's config, for real: the DKN are those of before, so are the layer sets,
+    # and no attribute_checked job runs (the dry run before it planned them all); nor does
+    # fact checking, whose DKN file has the content it last read (Snakemake compares checksums)
+    restored = run_workflow(workdir, config)
+    ran = executed(restored)
+    assert ran["aggregate_dkn"] == 4
+    assert not {"attribute_checked", "attribute_shard", "fact_check"} & set(ran), ran
+    assert layer_sets(workdir) == before
+    assert planned(workdir, config) == {}
 
 
 def test_execution_knobs_rerun_nothing(finished_run):

@@ -30,12 +30,16 @@ from itertools import combinations
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
+from .hooks import capture_ffn
+from .io import atomic_path
 from .models import LanguageModel
 from .neurons import Neuron, knowledge_neurons_of, seeded_rank, seeded_rng
 from .queries import EncodedQuery, encode_query
+from .records import converged
 from .scoring import erased_token_probs
 from .statistics import jaccard
 
@@ -125,6 +129,27 @@ def relation_dkn(query_dkns: Iterable[Iterable[Neuron]], relation_threshold: flo
     return kept, counts
 
 
+def detected_queries(facts: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """The true-object records of a discovery shard whose DKN are detected, with each fact's
+    ``template`` and ``sub_label``: all but the calibration slice (``facts["calibration"]``;
+    see the module docstring) and the records whose attribution did not converge
+    (:func:`kneurons.records.converged`; their number is logged)."""
+    facts = facts.assign(calibration=facts.get(
+        "calibration", pd.Series(False, index=facts.index)).fillna(False).astype(bool))
+    true = records[records["candidate"] == "true"].merge(
+        facts[["uuid", "template", "sub_label", "calibration"]], on="uuid", how="left",
+        validate="one_to_one")
+    if true["template"].isna().any():
+        missing = true.loc[true["template"].isna(), "uuid"].tolist()[:5]
+        raise ValueError(f"attribution records without a fact: {missing}")
+    true = true[~true["calibration"].astype(bool)]
+    usable = converged(true)
+    if not usable.all():
+        log.warning("%d of %d discovery queries left out of DKN detection: their attribution "
+                    "did not converge", int((~usable).sum()), len(true))
+    return true[usable].reset_index(drop=True)
+
+
 def detect_dkn_records(
     lm: LanguageModel,
     facts: pd.DataFrame,
@@ -142,19 +167,12 @@ def detect_dkn_records(
 
     ``facts`` gives each uuid's template and subject (to rebuild the query) and, in its
     ``calibration`` column (absent: none), the calibration slice, whose facts are skipped (see
-    the module docstring). Returns one row per other query: uuid, relation, kn_layers, kn_neurons, base_prob, single_probs, tested_pairs,
+    the module docstring), as are records whose attribution did not converge
+    (:func:`detected_queries`). Returns one row per other query: uuid, relation, kn_layers, kn_neurons, base_prob, single_probs, tested_pairs,
     pair_layers, pair_neurons ([a, b] per degenerate pair), pair_probs, dkn_layers,
     dkn_neurons. Rows are checkpointed every ``every`` queries.
     """
-    facts = facts.assign(calibration=facts.get(
-        "calibration", pd.Series(False, index=facts.index)).fillna(False).astype(bool))
-    true = records[records["candidate"] == "true"].merge(
-        facts[["uuid", "template", "sub_label", "calibration"]], on="uuid", how="left",
-        validate="one_to_one")
-    if true["template"].isna().any():
-        missing = true.loc[true["template"].isna(), "uuid"].tolist()[:5]
-        raise ValueError(f"attribution records without a fact: {missing}")
-    true = true[~true["calibration"].astype(bool)].reset_index(drop=True)
+    true = detected_queries(facts, records)
     done = checkpoint.load() if checkpoint is not None else None
     rows: list[dict] = []
     chunks = [done] if done is not None else []
@@ -190,6 +208,43 @@ def detect_dkn_records(
                                      "single_probs", "tested_pairs", "pair_layers",
                                      "pair_neurons", "pair_probs", "dkn_layers", "dkn_neurons"])
     return pd.concat(chunks, ignore_index=True)
+
+
+def relation_activation_sums(lm: LanguageModel, queries: pd.DataFrame, *,
+                             progress=None) -> dict[str, np.ndarray]:
+    """Per relation, the sum over ``queries`` (rows of :func:`detected_queries`) of the mean
+    over the object positions of |FFN activation| (the input of the FFN output projection,
+    :func:`kneurons.hooks.capture_ffn`), unpatched, from one forward of the model's body per
+    query (no LM head). Returns ``relations`` (str [R], sorted), ``sums`` (float64
+    [R, n_layers, d_ff]) and ``counts`` (int64 [R]): what :func:`relation_activation` reads,
+    summed over the shards of a model and language."""
+    relations = sorted(set(queries["relation"]))
+    index = {relation: i for i, relation in enumerate(relations)}
+    sums = np.zeros((len(relations), lm.n_layers, lm.d_ff), dtype=np.float64)
+    counts = np.zeros(len(relations), dtype=np.int64)
+    bar = tqdm(total=len(queries), file=progress, desc="activation", mininterval=5.0,
+               unit="query")
+    for record in queries.itertuples():
+        query = encode_query(lm, record.template, record.sub_label, record.obj_label)
+        ids = torch.as_tensor([query.input_ids], device=lm.device)  # [1, S]
+        pos = torch.as_tensor(query.target_positions, device=lm.device)  # [T]
+        with torch.inference_mode(), capture_ffn(lm) as acts:
+            lm.model.base_model(input_ids=ids)  # the activations only, no logits
+            mean = torch.stack([acts[layer][0, pos].float().abs().mean(dim=0)
+                                for layer in range(lm.n_layers)])  # [n_layers, d_ff]
+        sums[index[record.relation]] += mean.double().cpu().numpy()
+        counts[index[record.relation]] += 1
+        bar.update(1)
+    bar.close()
+    return {"relations": np.asarray(relations, dtype=str), "sums": sums, "counts": counts}
+
+
+def write_activation(stats: Mapping[str, np.ndarray], path) -> None:
+    """Write :func:`relation_activation_sums`'s arrays to ``path`` (``.npz``) atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, relations=np.asarray(stats["relations"], dtype=str),
+                 sums=np.asarray(stats["sums"], dtype=np.float64),
+                 counts=np.asarray(stats["counts"], dtype=np.int64))
 
 
 STABILITY_WARNING = 0.5

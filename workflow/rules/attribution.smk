@@ -1,4 +1,6 @@
-# Stage 2: AMIG / IG attribution of every fact's candidates, sharded (GPU jobs).
+# Stage 2: AMIG / IG attribution, sharded (GPU jobs): the true objects of the discovery facts
+# on every layer (attribute_shard), and, after aggregate_dkn, the candidates only fact checking
+# reads on the layers of their relation's DKN and control sets (attribute_checked).
 
 
 rule attribute_shard:
@@ -11,6 +13,8 @@ rule attribute_shard:
         "logs/attribution/{model}/{lang}/{part}/shard-{shard}.log",
     benchmark:
         "benchmarks/runs/attribution/{model}/{lang}/{part}/shard-{shard}.tsv"
+    wildcard_constraints:
+        part="discovery",
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -20,13 +24,36 @@ rule attribute_shard:
         runtime=240,
     params:
         model=model_params,
-        science={
-            "shards": config["attribution"]["shards"],
-            "method": config["attribution"]["method"],
-            "steps": config["attribution"]["steps"],
-            "quadrature": config["attribution"]["quadrature"],
-            "keep_top": config["attribution"]["keep_top"],
-            "version": VERSIONS["attribution"],
-        },
+        science=attribution_science(),
     script:
         "../../scripts/attribute_shard.py"
+
+
+rule attribute_checked:
+    input:
+        unpack(checked_input),
+    output:
+        "results/attribution/{model}/{lang}/{part}/shard-{shard}.parquet",
+    log:
+        "logs/attribution/{model}/{lang}/{part}/shard-{shard}.log",
+    benchmark:
+        "benchmarks/runs/attribution/{model}/{lang}/{part}/shard-{shard}.tsv"
+    wildcard_constraints:
+        part="|".join(CHECKED_PARTS),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=240,
+    params:
+        model=model_params,
+        science=attribution_science(
+            full_matrices=config["attribution"]["full_matrices"]
+        ),
+        # relation -> layers (None: every layer): a DKN change reruns these jobs exactly when
+        # it changes the model-language's layer sets
+        layers=lambda w: {"relation_layers": checked_layers(w)},
+    script:
+        "../../scripts/attribute_checked.py"

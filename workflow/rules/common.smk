@@ -1,6 +1,7 @@
 # Config validation (the schema and the checks beyond it), wildcard constraints and input
 # functions.
 import functools
+import json
 import os
 import re
 import sys
@@ -27,12 +28,14 @@ from kneurons.config import (
     schema_error,
 )
 from kneurons.mlama import relations_in
+from kneurons.records import attributed_layers
 
 SCHEMA_PATH = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
 coerce_strings(config, SCHEMA)  # nested --config values arrive as strings
 if (problem := schema_error(config, SCHEMA)) is not None:
-    raise ValueError(problem)  # one paragraph, not Snakemake's print of the whole schema
+    # one paragraph, not Snakemake's print of the whole schema
+    raise ValueError(problem)
 validate(config, str(SCHEMA_PATH))  # fills in the schema's defaults
 check_types(config, SCHEMA)  # 20.0 is no integer, NaN no number
 
@@ -41,7 +44,7 @@ check_types(config, SCHEMA)  # 20.0 is no integer, NaN no number
 VERSIONS = {
     "data": 1,
     "toy": 3,  # = kneurons.toy.TOY_VERSION; 3: 30 epochs of 64
-    "attribution": 2,  # 2: scores stored as float32
+    "attribution": 3,  # 2: scores stored as float32; 3: parts, layers, refinement
     "dkn": 3,  # 2: calibration facts excluded; neurons.dkn_count; 3: controls, stability
     "factcheck": 3,  # 3: baselines, controls, intervals, tests, converged records only
     "likn": 3,  # 3: permutation nulls, intervals, paired tests
@@ -51,7 +54,11 @@ VERSIONS = {
 
 LANGUAGES = list(config["mlama"]["languages"])
 MODELS = config["models"]
-PARTS = ["discovery", "evaluation"]
+PARTS = ["discovery", "evaluation"]  # the split's parts
+# attribution parts (kneurons.records): the discovery facts' true objects (attribute_shard), and
+# the candidates only fact checking reads (attribute_checked)
+ATTRIBUTION_PARTS = ["discovery", "evaluation", "calibration"]
+CHECKED_PARTS = ["evaluation", "calibration"]
 SHARDS = list(range(config["attribution"]["shards"]))
 
 
@@ -94,7 +101,8 @@ def _check_config():
             raise ValueError(
                 f"config: models.{alias}.hf_id {hf_id!r} is a local path that does not exist"
             )
-    check_models(MODELS)  # unsupported architectures and truncated GGUF files, at plan time
+    # unsupported architectures and truncated GGUF files, at plan time
+    check_models(MODELS)
 
 
 MLAMA_CHECKSUMS = Path(workflow.basedir) / "resources" / "mlama1.1-en-zh.sha256"
@@ -119,7 +127,7 @@ _check_config()
 wildcard_constraints:
     lang="|".join(re.escape(lang) for lang in LANGUAGES),
     model="|".join(re.escape(alias) for alias in MODELS),
-    part="|".join(PARTS),
+    part="|".join(ATTRIBUTION_PARTS),
     shard=r"\d+",
 
 
@@ -193,7 +201,8 @@ def model_params(wildcards):
 @functools.cache
 def model_weights(source, revision):
     """A hub or local model's identity at plan time (kneurons.checkpoint.model_identity), once
-    per invocation; local digests are cached under .snakemake/ by file size and mtime."""
+    per invocation; local digests are cached under .snakemake/ by file size and mtime.
+    """
     from kneurons.checkpoint import model_identity
 
     return model_identity(
@@ -237,6 +246,69 @@ def expand_pairs(pattern):
     return [
         pattern.format(model=alias, lang=lang) for alias, lang in model_lang_pairs()
     ]
+
+
+# ---- attribution --------------------------------------------------------------------------
+
+
+def max_steps():
+    """attribution.max_steps as a number (auto: 4 x steps) or None (no refinement)."""
+    value = config["attribution"]["max_steps"]
+    steps = config["attribution"]["steps"]
+    if value == "auto":
+        return 4 * steps
+    return None if value is None or value <= steps else value
+
+
+def attribution_science(**extra):
+    """The attribution settings that change a part's records, as one params dict."""
+    science = {
+        key: config["attribution"][key]
+        for key in ("shards", "method", "steps", "quadrature", "keep_top")
+    }
+    return {
+        **science,
+        "max_steps": max_steps(),
+        **extra,
+        "version": VERSIONS["attribution"],
+    }
+
+
+def checked_input(wildcards):
+    """attribute_checked's inputs: the part's facts (calibration: the discovery facts) and the
+    model. Without attribution.full_matrices the job waits for aggregate_dkn (a checkpoint),
+    whose layer sets reach it through params (checked_layers); the DKN document is no input
+    file, so a DKN change that keeps the model-language's layer sets reruns none of these jobs.
+    """
+    facts = "discovery" if wildcards.part == "calibration" else wildcards.part
+    if not config["attribution"]["full_matrices"]:
+        checkpoints.aggregate_dkn.get(model=wildcards.model, lang=wildcards.lang)
+    return {
+        "facts": f"results/data/facts/{wildcards.lang}/{facts}.parquet",
+        "model": model_input(wildcards),
+    }
+
+
+def checked_layers(wildcards):
+    """relation -> the layers attribute_checked attributes (those of its DKN and control sets,
+    kneurons.records.attributed_layers), from aggregate_dkn's output; None (every layer)
+    with attribution.full_matrices."""
+    if config["attribution"]["full_matrices"]:
+        return None
+    done = checkpoints.aggregate_dkn.get(model=wildcards.model, lang=wildcards.lang)
+    return attributed_layers(json.loads(Path(done.output.dkn).read_text()))
+
+
+def attribution_shards(part):
+    """Input function: the job's model and language's shards of attribution part ``part``."""
+
+    def shards(wildcards):
+        return [
+            f"results/attribution/{wildcards.model}/{wildcards.lang}/{part}/shard-{shard}.parquet"
+            for shard in SHARDS
+        ]
+
+    return shards
 
 
 # ---- neurons ----------------------------------------------------------------------------
@@ -303,7 +375,11 @@ def likn_outputs():
 
 def attribution_runs():
     """(model, language, part) of every attribution run, in a fixed order."""
-    return [(alias, lang, part) for alias, lang in model_lang_pairs() for part in PARTS]
+    return [
+        (alias, lang, part)
+        for alias, lang in model_lang_pairs()
+        for part in ATTRIBUTION_PARTS
+    ]
 
 
 def expand_runs(pattern, shards):

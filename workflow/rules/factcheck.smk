@@ -3,14 +3,11 @@
 
 rule fact_check:
     input:
-        evaluation=lambda wildcards: expand(
-            "results/attribution/{{model}}/{{lang}}/evaluation/shard-{shard}.parquet",
-            shard=SHARDS,
-        ),
-        discovery=lambda wildcards: expand(
-            "results/attribution/{{model}}/{{lang}}/discovery/shard-{shard}.parquet",
-            shard=SHARDS,
-        ),
+        # evaluation: true and wrong objects; calibration: the true objects are in the
+        # discovery shards (checked rows), the wrong ones in the calibration shards
+        evaluation=attribution_shards("evaluation"),
+        discovery=attribution_shards("discovery"),
+        calibration=attribution_shards("calibration"),
         dkn="results/neurons/{model}/{lang}/dkn_by_relation.json",
         facts="results/data/facts/{lang}/evaluation.parquet",
     output:

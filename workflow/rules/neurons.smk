@@ -1,4 +1,5 @@
-# Stage 3: degenerate knowledge neurons per discovery query, then per relation.
+# Stage 3: degenerate knowledge neurons per discovery query, then per relation (with control
+# sets matched in activation magnitude).
 
 
 rule detect_dkn:
@@ -7,7 +8,9 @@ rule detect_dkn:
         facts="results/data/facts/{lang}/discovery.parquet",
         model=model_input,
     output:
-        "results/neurons/{model}/{lang}/dkn/shard-{shard}.parquet",
+        dkn="results/neurons/{model}/{lang}/dkn/shard-{shard}.parquet",
+        # per relation: sum of mean |FFN activation| over its queries, and their count
+        activation="results/neurons/{model}/{lang}/dkn/shard-{shard}.activation.npz",
     log:
         "logs/neurons/{model}/{lang}/dkn/shard-{shard}.log",
     benchmark:
@@ -32,10 +35,16 @@ rule detect_dkn:
         "../../scripts/detect_dkn.py"
 
 
-rule aggregate_dkn:
+# A checkpoint: attribute_checked reads the layer sets of its output (common.smk,
+# checked_layers) to know which of its jobs a DKN change reruns.
+checkpoint aggregate_dkn:
     input:
         dkn=lambda wildcards: expand(
             "results/neurons/{{model}}/{{lang}}/dkn/shard-{shard}.parquet",
+            shard=SHARDS,
+        ),
+        activation=lambda wildcards: expand(
+            "results/neurons/{{model}}/{{lang}}/dkn/shard-{shard}.activation.npz",
             shard=SHARDS,
         ),
         facts="results/data/facts/{lang}/discovery.parquet",

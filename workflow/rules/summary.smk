@@ -44,8 +44,11 @@ rule report_completeness:
             "shards": len(SHARDS),
         },
         attribution={
-            key: config["attribution"][key]
-            for key in ("method", "steps", "quadrature")
+            **{
+                key: config["attribution"][key]
+                for key in ("method", "steps", "quadrature")
+            },
+            "max_steps": max_steps(),
         },
     script:
         "../../scripts/report_completeness.py"
