@@ -91,9 +91,12 @@ def test_aggregate_writes_controls_stability_and_the_layers_to_read(caplog):
     assert plain["relations"]["P1"]["layers"] == [0, 1, 2]
 
 
-def test_matched_control_fails_loudly_when_a_layer_is_full():
-    with pytest.raises(ValueError, match="no free neuron"):
-        matched_random_control([(0, 0)], np.ones((1, 2)), [(0, 1)], np.random.default_rng(0))
+def test_matched_control_in_a_layer_the_excluded_neurons_fill():
+    # the relation's knowledge neurons fill the layer: a non-DKN one is drawn
+    assert matched_random_control([(0, 0)], np.ones((1, 2)), [(0, 1)],
+                                  np.random.default_rng(0)) == [(0, 1)]
+    with pytest.raises(ValueError, match="no free neuron"):  # the DKN themselves fill it
+        matched_random_control([(0, 0), (0, 1)], np.ones((1, 2)), [], np.random.default_rng(0))
 
 
 def test_relation_activation_averages_over_shards(tmp_path):

@@ -274,13 +274,19 @@ def matched_random_control(dkn: Sequence[Neuron], activation: np.ndarray,
     """Per DKN neuron (layer l, index i) a random neuron of layer l, drawn uniformly among the
     ``pool`` neurons of that layer whose mean |activation| (``activation`` [n_layers, d_ff],
     over the relation's discovery queries at the object positions) is closest to neuron i's,
-    outside ``exclude`` and the neurons already drawn: same layers, same activation magnitude,
-    no attribution (a control that erases as much signal as the DKN would, by magnitude)."""
-    taken = {(int(a), int(b)) for a, b in exclude} | {(int(a), int(b)) for a, b in dkn}
+    outside ``exclude`` and the neurons already drawn (where ``exclude`` fills a layer, outside
+    the DKN and the drawn ones only): same layers, same activation magnitude, no attribution.
+    A ValueError only when the DKN and the drawn neurons fill a layer."""
+    kept = {(int(a), int(b)) for a, b in dkn}
+    taken = {(int(a), int(b)) for a, b in exclude} | kept
     out = []
     for layer, index in dkn:
         row = np.asarray(activation[int(layer)], dtype=np.float64)
         free = np.asarray([j for j in range(len(row)) if (int(layer), j) not in taken])
+        if not len(free):  # the excluded neurons fill the layer (a small toy layer): any
+            # neuron that is neither DKN nor drawn already
+            free = np.asarray([j for j in range(len(row)) if (int(layer), j) not in kept
+                               and (int(layer), j) not in out])
         if not len(free):
             raise ValueError(f"no free neuron left in layer {layer}")
         near = free[np.argsort(np.abs(row[free] - row[int(index)]), kind="stable")[:pool]]
