@@ -32,6 +32,7 @@ setup: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m kneurons.docs configuration workflow/schemas/config.schema.yaml docs/configuration.md
 	$(BIN)/python benchmarks/report.py benchmarks/results docs/performance.md
+	$(BIN)/python benchmarks/cost.py write docs/operations.md
 
 # publish the last finished run's summary page and figures as docs/results/<name>/
 docs-results: $(STAMP)

@@ -10,7 +10,7 @@
 # 2. the gpu benchmark mode (benchmarks/attribution.py gpu: BERT-base, GPT-2 small, Gemma 3
 #    270M, SmolLM2-135M and mGPT shapes; fp32, tf32, bf16; batch sizes up to memory), within
 #    a time budget per model;
-# 3. the whole DAG on one GPU against the same DAG on the CPU (benchmarks/gpu_dag.py; its 13
+# 3. the whole DAG on one GPU against the same DAG on the CPU (benchmarks/gpu_dag.py; its
 #    GPU jobs run one at a time, ~15 s each).
 # Everything lands in OUT: check.log (all output), machine.txt, gpu-tests.log, gpu-gpu.json,
 # dag.json, dag-logs.tar.gz. Copy gpu-gpu.json, dag.json (as gpu-dag.json), gpu-tests.log and

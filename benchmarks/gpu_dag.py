@@ -51,8 +51,8 @@ def small_config(relations=("P17", "P36", "P37"), facts: int = 12) -> dict:
     config["name"] = "gpu-check"
     config["mlama"].update(source=str(ROOT / config["mlama"]["source"]),
                            relations=list(relations), max_facts_per_relation=facts)
-    # toy-gpt in English only: 13 GPU jobs instead of 18 (each costs ~15 s of process start,
-    # imports and CUDA set-up on the H200 machine, run one at a time), LIKN on toy-bert
+    # toy-gpt in English only: fewer GPU jobs (each costs ~15 s of process start, imports and
+    # CUDA set-up on the H200 machine, run one at a time), LIKN on toy-bert
     config["models"]["toy-gpt"]["languages"] = ["en"]
     config["toy"] = {**config["toy"], "layers": 2, "hidden": 32, "ffn": 64, "heads": 2,
                      "epochs": 12}

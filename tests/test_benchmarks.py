@@ -183,3 +183,24 @@ def test_gpu_dag_check_config_plans_the_whole_dag(gpu_dag, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for rule in gpu_dag.GPU_LOGS:  # every GPU rule is in the check
         assert rule in result.stdout
+
+
+def test_the_cost_in_the_operations_page_is_rendered_from_the_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_cost", ROOT / "benchmarks" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    page = (ROOT / "docs" / "operations.md").read_text()
+    block = page[page.index(cost.BEGIN):page.index(cost.END) + len(cost.END)]
+    assert block == cost.render(ROOT / "benchmarks" / "results"), \
+        "run `make docs` and commit docs/operations.md"
+    # the model: every term is a measured figure times a count
+    shape = {"best_fp32": {"queries_per_s": 10.0}, "completeness_check_s_per_query": 0.1,
+             "dkn_s_per_query": 0.05, "model": {"n_layers": 2, "d_ff": 4}}
+    got = cost.model_cost(shape, {"discovery": 3600, "calibration": 600, "evaluation": 1000},
+                          "en")
+    assert got["discovery_h"] == pytest.approx(3600 * 0.2 / 3600)
+    assert got["dkn_h"] == pytest.approx(3000 * 0.05 / 3600)
+    assert got["checked_full_h"] == pytest.approx(2600 * 0.2 / 3600)
+    assert got["checked_h"] == pytest.approx(got["checked_full_h"] * cost.LAYER_SHARE)
+    assert got["disk_full_gb"] == pytest.approx(3200 * 2 * 4 * 4 / 1e9)
+    assert "No GPU measurement" in cost.render(tmp_path)
