@@ -568,7 +568,7 @@ def test_shard_records_the_completeness_error(name, request, caplog):
     assert errors[0] == pytest.approx(completeness_error(
         res.scores[checked], probability_gap(lm, q, method="amig")[checked]), rel=0.05, abs=1e-6)
     with caplog.at_level("INFO"):
-        assert _warn_incomplete(recs, "amig", lm.spec.model_type) == 0
+        assert _warn_incomplete(recs, "amig", lm.spec.model_type, 12) == 0
     assert "WARNING" not in caplog.text
 
 
@@ -579,7 +579,7 @@ def test_shard_warns_about_the_degenerate_zero_baseline(tiny_gemma3, caplog):
                                 quadrature="riemann", keep_top=5)
     assert (recs["completeness_error"] > 0.5).all()
     with caplog.at_level("WARNING"):
-        assert _warn_incomplete(recs, "ig", "gemma3_text") == len(recs)
+        assert _warn_incomplete(recs, "ig", "gemma3_text", 20) == len(recs)
     assert "2 of 2 queries" in caplog.text and "degenerate on gemma3_text" in caplog.text
 
 
