@@ -632,8 +632,11 @@ def test_a_neuron_built_to_write_the_object_is_found_and_its_curve_falls_below_t
         mlp.c_fc.weight[:, neuron] = 0.0
         mlp.c_fc.bias[neuron] = 3.0
         mlp.c_proj.weight[neuron, :] = 20.0 * lm.model.lm_head.weight[query.target_ids[0]]
+    # the built neuron bends P along the path: 8 Riemann steps leave "p" 26% incomplete, and
+    # a record that has not converged is not counted, so refine it (up to 64 steps)
     records = attribute_candidates(lm, candidate_table(facts, "discovery"), method="ig",
-                                   steps=8, quadrature="riemann", keep_top=30)
+                                   steps=8, max_steps=64, quadrature="riemann", keep_top=30)
+    assert records.set_index("uuid").loc["p", "converged"]
     table = loc.localize(lm, facts, records, run_method="ig", kn_threshold=0.2, max_kn=5,
                          sample=3, n_related=1, n_unrelated=1, enhance_factor=2.0, steps=8,
                          quadrature="riemann", seed=0)
