@@ -35,7 +35,7 @@ from .checkpoint import Checkpoint
 from .models import LanguageModel
 from .neurons import Neuron, knowledge_neurons_of
 from .queries import EncodedQuery, encode_query
-from .scoring import erased_token_probs
+from .scoring import erased_token_probs_many
 
 @dataclass
 class QueryDKN:
@@ -72,27 +72,57 @@ def detect_query_dkn(
 ) -> QueryDKN:
     """Measure single and pair suppressions of ``kn`` for ``query`` and return its DKN.
 
-    One batched forward pass (in chunks of ``batch_size`` rows) measures the unpatched
-    probability and every single suppression; a second measures every pair of robust singles
-    (pairs with a non-robust member cannot be degenerate, so they are not measured).
+    One batched pass (in chunks of ``batch_size`` rows) measures the unpatched probability
+    and every single suppression; a second measures every pair of robust singles (pairs with
+    a non-robust member cannot be degenerate, so they are not measured). The rows run as
+    the attribution's do (:func:`kneurons.scoring.erased_token_probs_many`): from the cached
+    input of the block of their lowest suppressed layer, on the object position(s) alone
+    where that is exact. :func:`detect_queries_dkn` batches several queries.
     """
-    kn = [(int(layer), int(neuron)) for layer, neuron in kn]
-    first = erased_token_probs(lm, query, [[]] + [[neuron] for neuron in kn], batch_size=batch_size)
-    probs = first.mean(axis=1)  # [1 + n_kn]: mean over the object's tokens
-    base_prob, single_probs = float(probs[0]), [float(p) for p in probs[1:]]
-    robust = robust_singles(base_prob, single_probs, single_drop)
-    candidates = list(combinations(robust, 2))
-    pairs, pair_probs = [], []
-    if candidates:
-        joint = erased_token_probs(lm, query, [[kn[i], kn[j]] for i, j in candidates],
-                               batch_size=batch_size).mean(axis=1)
-        for (i, j), prob in zip(candidates, joint):
+    return detect_queries_dkn(lm, [query], [kn], single_drop=single_drop, pair_drop=pair_drop,
+                              batch_size=batch_size)[0]
+
+
+def detect_queries_dkn(
+    lm: LanguageModel,
+    queries: Sequence[EncodedQuery],
+    kns: Sequence[Sequence[Neuron]],
+    *,
+    single_drop: float,
+    pair_drop: float,
+    batch_size: int | None = 256,
+) -> list[QueryDKN]:
+    """:func:`detect_query_dkn` of each query with its knowledge neurons ``kns[i]``, the rows
+    of all queries batched together: one pass for every query's unpatched and single rows,
+    one for every query's robust pairs. The same results as one query at a time (float
+    rounding apart)."""
+    if len(kns) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(kns)} lists of knowledge neurons")
+    kns = [[(int(layer), int(neuron)) for layer, neuron in kn] for kn in kns]
+    first = erased_token_probs_many(lm, queries, [[[]] + [[neuron] for neuron in kn]
+                                                  for kn in kns], batch_size=batch_size)
+    bases, singles, candidates = [], [], []
+    for kn, probs in zip(kns, first):
+        probs = probs.mean(axis=1)  # [1 + n_kn]: mean over the object's tokens
+        bases.append(float(probs[0]))
+        singles.append([float(p) for p in probs[1:]])
+        robust = robust_singles(bases[-1], singles[-1], single_drop)
+        candidates.append(list(combinations(robust, 2)))
+    joint = erased_token_probs_many(lm, queries, [[[kn[i], kn[j]] for i, j in cands]
+                                                  for kn, cands in zip(kns, candidates)],
+                                    batch_size=batch_size)
+    out = []
+    for kn, base_prob, single_probs, cands, probs in zip(kns, bases, singles, candidates,
+                                                          joint):
+        pairs, pair_probs = [], []
+        for (i, j), prob in zip(cands, probs.mean(axis=1)):
             if is_degenerate_drop(base_prob, float(prob), pair_drop):
                 pairs.append((kn[i], kn[j]))
                 pair_probs.append(float(prob))
-    members = sorted({neuron for pair in pairs for neuron in pair})
-    return QueryDKN(kn=kn, base_prob=base_prob, single_probs=single_probs, pairs=pairs,
-                    pair_probs=pair_probs, tested_pairs=len(candidates), dkn=members)
+        members = sorted({neuron for pair in pairs for neuron in pair})
+        out.append(QueryDKN(kn=kn, base_prob=base_prob, single_probs=single_probs, pairs=pairs,
+                            pair_probs=pair_probs, tested_pairs=len(cands), dkn=members))
+    return out
 
 
 DKN_COUNTS = ("query", "pair")

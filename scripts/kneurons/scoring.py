@@ -23,11 +23,15 @@ are never touched. P(object token) is computed in one place, :func:`object_token
 
 :func:`score` is the general call (one intervention per row), used by the localization
 evaluation and (``head="full"``) by the LIKN erasing experiment; :func:`erased_token_probs`
-(one query, many erased sets, per-token probabilities) is DKN detection's suppression;
-:func:`replaced_token_probs` (whole activation vectors set to baseline values) is the
-attribution's convergence check. They keep the exact operations of the paths they replaced
-(``likn.score_queries``, ``hooks.suppress_batch``, the loop of ``probability_gap``), so results
-are bitwise the same (tests/test_scoring.py).
+(one query, many erased sets, per-token probabilities) and :func:`erased_token_probs_many`
+(several queries) are DKN detection's suppression, run on the attribution engine's rows
+(:func:`kneurons.attribution.erased_probs`: from the cached input of the lowest erased
+layer's block, on the object positions alone where exact), the same numbers as full forwards
+up to float rounding; :func:`replaced_token_probs` (whole activation vectors set to baseline
+values) was the attribution's convergence check, whose rows now run on the engine too
+(:func:`kneurons.attribution.probability_gap`). :func:`score` keeps the exact operations of the
+paths it replaced (``likn.score_queries``), so results are bitwise the same
+(tests/test_scoring.py).
 """
 
 from __future__ import annotations
@@ -177,9 +181,40 @@ def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
                        neuron_sets: Sequence[Iterable[Neuron]], *,
                        batch_size: int | None = 64) -> np.ndarray:
     """P(object token t) [len(neuron_sets), n_object_tokens] of one query with each set
-    erased at the object positions, one batch row per set (an empty set: unpatched). The
-    query is not padded and the head runs at the object positions only; ``batch_size`` caps
-    the rows per forward (``None``: all sets in one)."""
+    erased at the object positions, one row per set (an empty set: unpatched).
+    ``batch_size`` caps the rows per pass (``None``: all sets in one). See
+    :func:`erased_token_probs_many`."""
+    return erased_token_probs_many(lm, [query], [neuron_sets], batch_size=batch_size)[0]
+
+
+def erased_token_probs_many(lm: LanguageModel, queries: Sequence[EncodedQuery],
+                            neuron_sets: Sequence[Sequence[Iterable[Neuron]]], *,
+                            batch_size: int | None = 64) -> list[np.ndarray]:
+    """:func:`erased_token_probs` of several queries (``neuron_sets[i]``: the sets of
+    ``queries[i]``), their rows batched together.
+
+    Models with a registered head take the attribution engine's rows
+    (:func:`kneurons.attribution.erased_probs`): one unpatched pass per group of queries,
+    then each row from the cached input of the block of its lowest erased layer, on the
+    object positions alone where that is exact. Others run the full model per row (the
+    query not padded, the head at the object positions only). The numbers are the same up
+    to float rounding (tests/test_scoring.py compares them with direct forwards)."""
+    from .attribution import erased_probs  # the engine (which imports this module)
+
+    sets = [[list(s) for s in per] for per in neuron_sets]
+    if len(sets) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(sets)} lists of neuron sets")
+    fast = erased_probs(lm, queries, sets, batch_size=batch_size)
+    if fast is not None:
+        return fast
+    return [_erased_full_forwards(lm, q, s, batch_size) for q, s in zip(queries, sets)]
+
+
+def _erased_full_forwards(lm: LanguageModel, query: EncodedQuery,
+                          neuron_sets: Sequence[Iterable[Neuron]],
+                          batch_size: int | None) -> np.ndarray:
+    """:func:`erased_token_probs` by full forwards of the whole model, one batch row per
+    set (models without a registered head)."""
     sets = [erase(s) for s in neuron_sets]
     n = len(sets)
     out = np.zeros((n, len(query.target_ids)), dtype=np.float32)
@@ -202,9 +237,10 @@ def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
 def replaced_token_probs(lm: LanguageModel, query: EncodedQuery, layer: int, position,
                          values: torch.Tensor, *, site: str = "post") -> torch.Tensor:
     """P(object token t) [B, n_object_tokens] of one query with the whole activation vector
-    of ``layer`` at ``position`` replaced by ``values[i]`` ([B, d_ff]) in batch row i: the
-    baselines of the convergence check (:func:`kneurons.attribution.probability_gap`). The
-    query is not padded and the head runs at the object positions only."""
+    of ``layer`` at ``position`` replaced by ``values[i]`` ([B, d_ff]) in batch row i, by a
+    full forward (what :func:`kneurons.attribution.probability_gap` measured before its rows
+    ran on the engine; its tests compare with this). The query is not padded and the head
+    runs at the object positions only."""
     ids = torch.as_tensor([query.input_ids], device=lm.device)  # [1, S]
     pos = torch.as_tensor(query.target_positions, device=lm.device)  # [T]
 
