@@ -377,3 +377,27 @@ def test_erased_rows_of_several_queries_equal_one_query_at_a_time(tiny_bert, tin
             np.testing.assert_allclose(m, erased_token_probs(lm, q, s), rtol=1e-5, atol=1e-8)
             np.testing.assert_allclose(m, _erased_full_forwards(lm, q, s, 64), rtol=1e-4,
                                        atol=1e-7)
+
+
+def test_an_erasure_captures_its_queries_once(tiny_gpt2, monkeypatch):
+    # DKN detection asks twice (singles, then pairs): one capture pass per padding group
+    import kneurons.attribution as attribution
+
+    lm = tiny_gpt2
+    queries = queries_of(lm, "gpt2")
+    assert len({len(q.target_ids) for q in queries}) == 3  # object lengths differ: 3 groups
+    captured = []
+    real = attribution._capture
+    monkeypatch.setattr(attribution, "_capture",
+                        lambda lm_, qs, *a: captured.append(len(qs)) or real(lm_, qs, *a))
+    rows = scoring.Erasure(lm, queries, lowest_layer=1, batch_size=2)
+    first = rows.token_probs([[[], [(1, 3)]], [[(2, 5), (1, 1)]], []])
+    second = rows.token_probs([[[(2, 2)]], [], [[(1, 4)], [(2, 4), (2, 5)]]])
+    assert captured == [1, 1, 1]  # once each, not once per call
+    monkeypatch.setattr(attribution, "_capture", real)
+    for got, q, s in zip(first + second, queries * 2,
+                         [[[], [(1, 3)]], [[(2, 5), (1, 1)]], [], [[(2, 2)]], [],
+                          [[(1, 4)], [(2, 4), (2, 5)]]]):
+        np.testing.assert_allclose(got, erased_token_probs(lm, q, s), rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="below the lowest captured layer"):
+        rows.token_probs([[[(0, 1)]], [], []])

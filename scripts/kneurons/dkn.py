@@ -35,7 +35,7 @@ from .checkpoint import Checkpoint
 from .models import LanguageModel
 from .neurons import Neuron, knowledge_neurons_of
 from .queries import EncodedQuery, encode_query
-from .scoring import erased_token_probs_many
+from .scoring import Erasure
 
 @dataclass
 class QueryDKN:
@@ -75,7 +75,7 @@ def detect_query_dkn(
     One batched pass (in chunks of ``batch_size`` rows) measures the unpatched probability
     and every single suppression; a second measures every pair of robust singles (pairs with
     a non-robust member cannot be degenerate, so they are not measured). The rows run as
-    the attribution's do (:func:`kneurons.scoring.erased_token_probs_many`): from the cached
+    the attribution's do (:class:`kneurons.scoring.Erasure`): from the cached
     input of the block of their lowest suppressed layer, on the object position(s) alone
     where that is exact. :func:`detect_queries_dkn` batches several queries.
     """
@@ -99,8 +99,10 @@ def detect_queries_dkn(
     if len(kns) != len(queries):
         raise ValueError(f"{len(queries)} queries but {len(kns)} lists of knowledge neurons")
     kns = [[(int(layer), int(neuron)) for layer, neuron in kn] for kn in kns]
-    first = erased_token_probs_many(lm, queries, [[[]] + [[neuron] for neuron in kn]
-                                                  for kn in kns], batch_size=batch_size)
+    # the queries are captured once for both passes
+    rows = Erasure(lm, queries, batch_size=batch_size, lowest_layer=min(
+        (layer for kn in kns for layer, _ in kn), default=lm.n_layers - 1))
+    first = rows.token_probs([[[]] + [[neuron] for neuron in kn] for kn in kns])
     bases, singles, candidates = [], [], []
     for kn, probs in zip(kns, first):
         probs = probs.mean(axis=1)  # [1 + n_kn]: mean over the object's tokens
@@ -108,9 +110,8 @@ def detect_queries_dkn(
         singles.append([float(p) for p in probs[1:]])
         robust = robust_singles(bases[-1], singles[-1], single_drop)
         candidates.append(list(combinations(robust, 2)))
-    joint = erased_token_probs_many(lm, queries, [[[kn[i], kn[j]] for i, j in cands]
-                                                  for kn, cands in zip(kns, candidates)],
-                                    batch_size=batch_size)
+    joint = rows.token_probs([[[kn[i], kn[j]] for i, j in cands]
+                              for kn, cands in zip(kns, candidates)])
     out = []
     for kn, base_prob, single_probs, cands, probs in zip(kns, bases, singles, candidates,
                                                           joint):

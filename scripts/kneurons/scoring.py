@@ -24,8 +24,9 @@ are never touched. P(object token) is computed in one place, :func:`object_token
 :func:`score` is the general call (one intervention per row), used by the localization
 evaluation and (``head="full"``) by the LIKN erasing experiment; :func:`erased_token_probs`
 (one query, many erased sets, per-token probabilities) and :func:`erased_token_probs_many`
-(several queries) are DKN detection's suppression, run on the attribution engine's rows
-(:func:`kneurons.attribution.erased_probs`: from the cached input of the lowest erased
+(several queries; :class:`Erasure` for repeated calls on the same queries) are DKN
+detection's suppression, run on the attribution engine's rows
+(:class:`kneurons.attribution.ErasedRows`: from the cached input of the lowest erased
 layer's block, on the object positions alone where exact), the same numbers as full forwards
 up to float rounding; :func:`replaced_token_probs` (whole activation vectors set to baseline
 values) was the attribution's convergence check, whose rows now run on the engine too
@@ -191,23 +192,46 @@ def erased_token_probs_many(lm: LanguageModel, queries: Sequence[EncodedQuery],
                             neuron_sets: Sequence[Sequence[Iterable[Neuron]]], *,
                             batch_size: int | None = 64) -> list[np.ndarray]:
     """:func:`erased_token_probs` of several queries (``neuron_sets[i]``: the sets of
-    ``queries[i]``), their rows batched together.
+    ``queries[i]``), their rows batched together (see :class:`Erasure`)."""
+    sets = [[list(s) for s in per] for per in neuron_sets]
+    lowest = min((int(layer) for per in sets for s in per for layer, _ in s),
+                 default=lm.n_layers - 1)
+    return Erasure(lm, queries, lowest_layer=lowest, batch_size=batch_size).token_probs(sets)
+
+
+class Erasure:
+    """Erasing rows of fixed queries, asked for as often as needed (DKN detection asks
+    twice: singles, then pairs): P(object token t) with sets of neurons erased (activation
+    0) at the object positions.
 
     Models with a registered head take the attribution engine's rows
-    (:func:`kneurons.attribution.erased_probs`): one unpatched pass per group of queries,
-    then each row from the cached input of the block of its lowest erased layer, on the
-    object positions alone where that is exact. Others run the full model per row (the
-    query not padded, the head at the object positions only). The numbers are the same up
-    to float rounding (tests/test_scoring.py compares them with direct forwards)."""
-    from .attribution import erased_probs  # the engine (which imports this module)
+    (:class:`kneurons.attribution.ErasedRows`): one unpatched pass per group of queries, here,
+    with the inputs of every block from ``lowest_layer`` (the lowest layer any set will
+    erase) on; then each row from the cached input of the block of its lowest erased layer,
+    on the object positions alone where that is exact. Others run the full model per row
+    (the query not padded, the head at the object positions only). The numbers are the same
+    up to float rounding (tests/test_scoring.py compares them with direct forwards).
+    ``batch_size`` caps the rows per pass (``None``: all of a group's)."""
 
-    sets = [[list(s) for s in per] for per in neuron_sets]
-    if len(sets) != len(queries):
-        raise ValueError(f"{len(queries)} queries but {len(sets)} lists of neuron sets")
-    fast = erased_probs(lm, queries, sets, batch_size=batch_size)
-    if fast is not None:
-        return fast
-    return [_erased_full_forwards(lm, q, s, batch_size) for q, s in zip(queries, sets)]
+    def __init__(self, lm: LanguageModel, queries: Sequence[EncodedQuery], *,
+                 lowest_layer: int = 0, batch_size: int | None = 64) -> None:
+        from .attribution import ErasedRows  # the engine (which imports this module)
+
+        self.lm, self.queries, self.batch_size = lm, list(queries), batch_size
+        self.rows = (ErasedRows(lm, self.queries, lowest_layer)
+                     if lm.spec.head is not None and self.queries else None)
+
+    def token_probs(self, neuron_sets: Sequence[Sequence[Iterable[Neuron]]]
+                    ) -> list[np.ndarray]:
+        """Per query i: [len(neuron_sets[i]), n_object_tokens] (an empty set: unpatched)."""
+        sets = [[list(s) for s in per] for per in neuron_sets]
+        if len(sets) != len(self.queries):
+            raise ValueError(f"{len(self.queries)} queries but {len(sets)} lists of neuron "
+                             "sets")
+        if self.rows is None:
+            return [_erased_full_forwards(self.lm, q, s, self.batch_size)
+                    for q, s in zip(self.queries, sets)]
+        return self.rows.probs(sets, batch_size=self.batch_size)
 
 
 def _erased_full_forwards(lm: LanguageModel, query: EncodedQuery,
