@@ -389,7 +389,7 @@ def test_an_erasure_captures_its_queries_once(tiny_gpt2, monkeypatch):
     captured = []
     real = attribution._capture
     monkeypatch.setattr(attribution, "_capture",
-                        lambda lm_, qs, *a: captured.append(len(qs)) or real(lm_, qs, *a))
+                        lambda lm_, qs, *a, **k: captured.append(len(qs)) or real(lm_, qs, *a, **k))
     rows = scoring.Erasure(lm, queries, lowest_layer=1, batch_size=2)
     first = rows.token_probs([[[], [(1, 3)]], [[(2, 5), (1, 1)]], []])
     second = rows.token_probs([[[(2, 2)]], [], [[(1, 4)], [(2, 4), (2, 5)]]])

@@ -155,11 +155,13 @@ class _Group:
     unit_pos: np.ndarray          # [U] position of the unit
     acts: torch.Tensor            # [U, nL, d_ff] activation a at the unit position
     blocks: dict                  # layer -> (args, kwargs) of the block call, batch G
-    logits: torch.Tensor          # [U, V] unpatched logits at the unit positions
+    logits: torch.Tensor | None   # [U, V] unpatched logits at the unit positions
     kv: dict | None = None        # one-position paths: layer -> unpatched (keys, values)
                                   # [G, H, S, d] of the block's attention
     cache_arg: str | None = None  # name of the block's cache argument
     attn_impl: str = "eager"      # the model's attention implementation
+    last: torch.Tensor | None = None  # [U, hidden] the last block's output at the units
+                                      # (captured without logits)
 
 
 def _units_of(queries: Sequence[EncodedQuery]) -> tuple[np.ndarray, np.ndarray]:
@@ -170,10 +172,14 @@ def _units_of(queries: Sequence[EncodedQuery]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int],
-             unit_q: np.ndarray, unit_pos: np.ndarray, layers: list[int], site: str
-             ) -> _Group:
+             unit_q: np.ndarray, unit_pos: np.ndarray, layers: list[int], site: str,
+             logits: bool = True) -> _Group:
     """The unpatched forward of ``queries`` (the captured inputs, padded together), read at
-    the units (group row ``unit_q[u]``, position ``unit_pos[u]``)."""
+    the units (group row ``unit_q[u]``, position ``unit_pos[u]``). ``logits=False`` (models
+    with a registered head): the blocks alone, keeping the last block's output at the units
+    in ``grp.last`` [U, hidden] instead of the logits, for a caller that runs the head on
+    them together with its rows' (on the CPU each call of a large vocabulary's head streams
+    the whole output embedding matrix, whatever the rows)."""
     ids, mask = pad_queries(lm, queries)
     unit_t, seen = [], {}  # the unit's index among its row's units
     for g in unit_q.tolist():
@@ -188,14 +194,28 @@ def _capture(lm: LanguageModel, queries: Sequence[EncodedQuery], qids: list[int]
     # the LM head only at the units' positions: at [G, T], unit u is at[unit_q[u], unit_t[u]]
     at = torch.zeros((len(queries), max(unit_t) + 1), dtype=torch.long, device=lm.device)
     at[uq, ut] = up
+    blocks_only = fast and not logits
+    last: list[torch.Tensor] = []  # blocks_only: the last block's output [G, S, hidden]
+    hook = lm.blocks()[-1].register_forward_hook(
+        lambda mod, args, out: last.append(out[0] if isinstance(out, tuple) else out)
+    ) if blocks_only else None
+    run = lm.model.base_model if blocks_only else lm.model
+    heads = contextlib.nullcontext([False]) if blocks_only else head_at(lm, at)
     # no_grad, not inference_mode: the cached block inputs feed the gradient passes
-    with torch.no_grad(), capture_block_inputs(lm, block_layers) as calls, \
-            capture_ffn(lm, layers, site) as acts, head_at(lm, at) as sliced:
-        out = lm.model(input_ids=ids, attention_mask=mask, use_cache=causal)
+    try:
+        with torch.no_grad(), capture_block_inputs(lm, block_layers) as calls, \
+                capture_ffn(lm, layers, site) as acts, heads as sliced:
+            out = run(input_ids=ids, attention_mask=mask, use_cache=causal)
+    finally:
+        if hook is not None:
+            hook.remove()
     a = torch.stack([acts[layer][uq, up].float() for layer in layers], dim=1)  # [U, nL, d_ff]
-    logits = (out.logits[uq, ut] if sliced[0] else out.logits[uq, up]).float()  # [U, V]
     grp = _Group(qids, ids, mask, np.asarray(unit_q), np.asarray(unit_pos), a, dict(calls),
-                 logits)
+                 None)
+    if last:
+        grp.last = last[-1][uq, up]  # [U, hidden]
+    else:
+        grp.logits = (out.logits[uq, ut] if sliced[0] else out.logits[uq, up]).float()  # [U, V]
     grp.attn_impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
     if grp.attn_impl not in ("sdpa", "eager"):
         return grp  # masks of other kernels (flash attention...) cannot be passed in
@@ -973,28 +993,26 @@ class ErasedRows:
         if not 0 <= lowest_layer < lm.n_layers:
             raise ValueError(f"lowest_layer must be within 0..{lm.n_layers - 1}")
         self.lm, self.queries, self.lowest = lm, list(queries), int(lowest_layer)
-        self.groups = []  # (query indices, group, runner, P(object tokens) unpatched)
-        dev = lm.device
+        self.groups = []  # (query indices, group, runner, unpatched last hidden [G, T, h])
         by_t: dict[int, list[int]] = {}
         for i, q in enumerate(self.queries):
             by_t.setdefault(len(q.target_ids), []).append(i)
         layers = list(range(self.lowest, lm.n_layers))
-        for members in by_t.values():
+        for n_t, members in by_t.items():
             members.sort(key=lambda i: (len(self.queries[i].input_ids), i))
             for g0 in range(0, len(members), _GROUP):
                 qids = members[g0:g0 + _GROUP]
                 qs = [self.queries[i] for i in qids]
                 unit_q, unit_pos = _units_of(qs)
                 with torch.inference_mode():
-                    grp = _capture(lm, qs, qids, unit_q, unit_pos, layers, "post")
-                    probs = torch.softmax(grp.logits, dim=-1)  # [U, V]
-                    tgt = torch.as_tensor([y for q in qs for y in q.target_ids], device=dev)
-                    base = probs[torch.arange(len(tgt), device=dev), tgt].view(len(qs), -1)
+                    grp = _capture(lm, qs, qids, unit_q, unit_pos, layers, "post",
+                                   logits=False)
                 run = _runner(lm, grp)
                 if run is _run_causal and not all(  # one-position rows need consecutive
                         np.all(np.diff(q.target_positions) == 1) for q in qs):  # positions
                     run = _run_fast
-                self.groups.append((qids, grp, run, base.cpu().numpy()))
+                # the unpatched rows: the last block's output at the object positions
+                self.groups.append((qids, grp, run, grp.last.view(len(qs), n_t, -1)))
 
     def probs(self, neuron_sets: Sequence[Sequence[Sequence[tuple[int, int]]]], *,
               batch_size: int | None = 64) -> list[np.ndarray]:
@@ -1012,29 +1030,37 @@ class ErasedRows:
             raise ValueError(f"layer {low} is below the lowest captured layer {self.lowest}")
         out = [np.zeros((len(s), len(q.target_ids)), dtype=np.float32)
                for q, s in zip(self.queries, sets)]
-        for qids, grp, run, base in self.groups:
-            rows = []  # (entry layer, group row, set index), sorted by entry layer
+        for qids, grp, run, last in self.groups:
+            rows, plain = [], []  # (entry layer, group row, set index), sorted by entry layer
             for g, i in enumerate(qids):
                 for r, s in enumerate(sets[i]):
                     if s:
                         rows.append((s[0][0], g, r))
                     else:
-                        out[i][r] = base[g]
+                        plain.append((-1, g, r))
             rows.sort()
             bs = max(len(rows), 1) if batch_size is None else max(1, int(batch_size))
-            for s0 in range(0, len(rows), bs):
-                chunk = rows[s0:s0 + bs]
-                r_g = [g for _, g, _ in chunk]
-                r_q = torch.as_tensor(r_g, device=dev)
-                r_pos = torch.as_tensor([self.queries[qids[g]].target_positions for g in r_g],
-                                        device=dev)  # [R, T]
-                tgt = torch.as_tensor([self.queries[qids[g]].target_ids for g in r_g],
-                                      device=dev)  # [R, T]
-                patch = _zero_patch([sets[qids[g]][r] for _, g, r in chunk], r_pos)
+            # the unpatched rows join the first batch's head call (one call fewer)
+            for n, chunk in enumerate([rows[s0:s0 + bs] for s0 in range(0, len(rows), bs)]
+                                      or [[]]):
+                hidden = []  # [R, T, hidden] per part
                 with torch.inference_mode():
-                    hidden = run(lm, grp, r_q, r_pos, np.asarray([e for e, _, _ in chunk]),
-                                 patch, "post")  # [R, T, hidden]
-                    probs = _target_probs(lm, hidden, tgt).cpu().numpy()  # [R, T]
+                    if chunk:
+                        r_g = torch.as_tensor([g for _, g, _ in chunk], device=dev)
+                        r_pos = torch.as_tensor([self.queries[qids[g]].target_positions
+                                                 for _, g, _ in chunk], device=dev)  # [R, T]
+                        patch = _zero_patch([sets[qids[g]][r] for _, g, r in chunk], r_pos)
+                        hidden.append(run(lm, grp, r_g, r_pos,
+                                          np.asarray([e for e, _, _ in chunk]), patch, "post"))
+                    if n == 0 and plain:
+                        hidden.append(last[torch.as_tensor([g for _, g, _ in plain],
+                                                           device=dev)])
+                        chunk = chunk + plain
+                    if not chunk:
+                        continue
+                    tgt = torch.as_tensor([self.queries[qids[g]].target_ids
+                                           for _, g, _ in chunk], device=dev)  # [R, T]
+                    probs = _target_probs(lm, torch.cat(hidden), tgt).cpu().numpy()  # [R, T]
                 for (_, g, r), pr in zip(chunk, probs):
                     out[qids[g]][r] = pr
         return out
@@ -1051,7 +1077,8 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
     the single baseline 0; ``amig``: the query-token baselines). The probabilities are
     measured, not integrated: one unpatched pass, the baselines' pass, and one row per
     (layer, object token, baseline) run as the attribution's rows are (from the cached
-    input of block l, on the object position alone where that is exact), all rows batched;
+    input of block l, on the object position alone where that is exact), all rows batched,
+    the LM head once for the rows and the unpatched positions together;
     ``scores[l].sum() - gap[l]`` is the integration error, which falls with ``steps`` (see
     ``benchmarks/attribution.py``).
 
@@ -1068,9 +1095,11 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
     n_l, n_t = len(layers), len(query.target_ids)
     batch_size = default_batch_size(lm)
 
+    fast = lm.spec.head is not None
+    tgt_a = torch.as_tensor(query.target_ids, device=dev)  # [T]
     with torch.inference_mode():
-        grp = _capture(lm, [query], [0], unit_q, unit_pos, layers, site)
-        p_a = object_token_probs(grp.logits, query.target_ids)  # [T]
+        grp = _capture(lm, [query], [0], unit_q, unit_pos, layers, site, logits=not fast)
+        p_a = None if fast else object_token_probs(grp.logits, query.target_ids)  # [T]
         if method == "ig":
             bases = torch.zeros((n_t, n_l, lm.d_ff), device=dev)  # [T, nL, d_ff]
             unit_bases = [[t] for t in range(n_t)]
@@ -1086,11 +1115,16 @@ def probability_gap(lm: LanguageModel, query: EncodedQuery, *, method: str = "am
             x = bases[torch.as_tensor(r[sl, 2], device=dev),
                       torch.as_tensor(r_li, device=dev)]  # [R, d_ff]
             out = _run_rows(lm, grp, torch.zeros_like(r_t), pos[r_t], np.asarray(layers)[r_li],
-                            x, site)
-            tgt = torch.as_tensor(query.target_ids, device=dev)[r_t]  # [R]
-            p_rows[sl] = (_target_probs(lm, out[:, None], tgt[:, None])[:, 0]
-                          if lm.spec.head is not None else
-                          torch.softmax(out.float(), dim=-1).gather(1, tgt[:, None])[:, 0])
+                            x, site)  # hidden states [R, hidden] (fast) or logits [R, V]
+            tgt = tgt_a[r_t]  # [R]
+            if not fast:
+                p_rows[sl] = torch.softmax(out.float(), dim=-1).gather(1, tgt[:, None])[:, 0]
+            elif p_a is None:  # the unpatched P(a) joins the first rows' head call
+                p = _target_probs(lm, torch.cat([grp.last, out])[:, None],
+                                  torch.cat([tgt_a, tgt])[:, None])[:, 0]
+                p_a, p_rows[sl] = p[:n_t], p[n_t:]
+            else:
+                p_rows[sl] = _target_probs(lm, out[:, None], tgt[:, None])[:, 0]
         gap = np.zeros(lm.n_layers)
         for li, layer in enumerate(layers):
             total = 0.0
