@@ -401,3 +401,16 @@ def test_an_erasure_captures_its_queries_once(tiny_gpt2, monkeypatch):
         np.testing.assert_allclose(got, erased_token_probs(lm, q, s), rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="below the lowest captured layer"):
         rows.token_probs([[[(0, 1)]], [], []])
+
+
+def test_an_erasure_without_a_registered_head_runs_full_forwards(tiny_bert):
+    import dataclasses
+
+    lm = tiny_bert
+    plain = dataclasses.replace(lm, spec=dataclasses.replace(lm.spec, head=None))
+    queries = queries_of(lm, "bert")
+    sets = [[[], [(0, 1), (2, 3)]], [[(1, 2)]], []]
+    got = scoring.Erasure(plain, queries).token_probs(sets)
+    assert scoring.Erasure(plain, queries).rows is None
+    for g, w in zip(got, scoring.Erasure(lm, queries).token_probs(sets)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-8)
