@@ -603,7 +603,38 @@ def mode_profile(args) -> dict:
                      "object_tokens": len(q.target_ids), "n_layers": lm.n_layers,
                      "d_ff": lm.d_ff, "vocab_size": int(lm.model.config.vocab_size),
                      "batch_size": default_batch_size(lm), "runs": res}
+        if args.fact_costs:
+            out[name]["fact_costs"] = _fact_costs(lm, q, args.steps)
     return out
+
+
+def _fact_costs(lm: LanguageModel, q: EncodedQuery, steps: int) -> dict:
+    """What a shard pays per fact, beyond the profile: a fact's true and wrong candidates
+    (``q`` and the same input with another one-token object, as a shard passes them)
+    attributed together and apart (``amig``, Riemann ``steps``), DKN detection of the true
+    candidate with its 20 best-scoring neurons as knowledge neurons, and the completeness
+    check (first, middle and last layer). Seconds, one run each after the profile's
+    warm-up."""
+    import dataclasses
+
+    from kneurons.dkn import detect_query_dkn
+    from kneurons.neurons import top_neurons
+    from kneurons.shards import check_layers
+
+    wrong = dataclasses.replace(q, target_ids=[(q.target_ids[0] + 1) % lm.model.config.vocab_size]
+                                + list(q.target_ids[1:]))
+    res, together = timed(lambda: attribute(lm, [q, wrong], method="amig", steps=steps))
+    _, apart = timed(lambda: [attribute(lm, [c], method="amig", steps=steps) for c in (q, wrong)])
+    layers, neurons, _ = top_neurons(res[0].scores, 20)
+    kn = list(zip(layers.tolist(), neurons.tolist()))
+    found, dkn = timed(lambda: detect_query_dkn(lm, q, kn, single_drop=0.2, pair_drop=0.25))
+    checked = check_layers(lm.n_layers)
+    _, check = timed(lambda: probability_gap(lm, q, method="amig", layers=checked))
+    print(f"fact costs: two candidates {together:.1f} s together, {apart:.1f} s apart; DKN "
+          f"{dkn:.2f} s ({found.tested_pairs} pairs); check {check:.2f} s", flush=True)
+    return {"two_candidates_s": together, "two_candidates_apart_s": apart,
+            "dkn_s": dkn, "dkn_rows": 1 + len(kn) + found.tested_pairs,
+            "completeness_check_s": check, "checked_layers": checked}
 
 
 def mode_gpu(args) -> dict:
@@ -773,6 +804,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--real", action="store_true",
                    help="quadrature and profile modes: the real pretrained models "
                         "(make setup-real) and the queries of issue #16")
+    p.add_argument("--fact-costs", action="store_true",
+                   help="profile mode: also time a fact's two candidates together and apart, "
+                        "DKN detection and the completeness check")
     p.add_argument("--methods", nargs="+", choices=["ig", "amig"], default=None,
                    help="quadrature --real: methods (default amig)")
     p.add_argument("--device", default=None, help="default: cuda in gpu mode if present")

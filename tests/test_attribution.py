@@ -6,6 +6,7 @@ hard-coded attribute paths and run the full model, one interpolation point per f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -473,6 +474,209 @@ def test_quadrature_rules_integrate_polynomials():
     a, w = quadrature_rule(4, "riemann")
     np.testing.assert_allclose(a, [0.125, 0.375, 0.625, 0.875])
     assert w.sum() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- shared passes
+def _candidates_of(lm, case: str):
+    """A fact's true and wrong candidates (same template and subject), as the shards pass them."""
+    if case == "one-token":  # same input: a masked LM's one mask, a causal LM's prefix
+        true = encode_query(lm, EN, "Tanzania", "Tanzania")
+        wrong = dataclasses.replace(true, target_ids=[(true.target_ids[0] + 7) % 50 + 5])
+        return [true, wrong]
+    if case == "same-length":  # masked: three masks each
+        return [encode_query(lm, "[X] is located in [Y] .", "Tanzania", "dar es salaam"),
+                encode_query(lm, "[X] is located in [Y] .", "Tanzania", "kilimanjaro")]
+    if case == "longer-true":  # causal: the wrong object's input begins the true one's
+        return [encode_query(lm, EN, "Tanzania", "Paris"),
+                encode_query(lm, EN, "Tanzania", "Tanzania")]
+    if case == "different":  # causal: the first two object tokens' positions are common (the
+        # tiny BPE splits off the space: " Paris" = " ", "Par", "is"; " Berlin" = " ", "Ber"...)
+        return [encode_query(lm, EN, "Tanzania", "Paris"),
+                encode_query(lm, EN, "Tanzania", "Berlin")]
+    raise ValueError(case)
+
+
+def _count_rows(monkeypatch):
+    """Spy on the engine: captured inputs and rows run."""
+    import kneurons.attribution as attribution
+
+    seen = {"captured": 0, "rows": 0}
+    capture, run_rows = attribution._capture, attribution._run_rows
+
+    def counting_capture(lm, queries, *a, **k):
+        seen["captured"] += len(queries)
+        return capture(lm, queries, *a, **k)
+
+    def counting_rows(lm, grp, r_q, *a, **k):
+        seen["rows"] += len(r_q)
+        return run_rows(lm, grp, r_q, *a, **k)
+    monkeypatch.setattr(attribution, "_capture", counting_capture)
+    monkeypatch.setattr(attribution, "_run_rows", counting_rows)
+    return seen
+
+
+@pytest.mark.parametrize("layers", [None, [0, 2]])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name,case,shared_units", [
+    ("tiny_bert", "one-token", 1), ("tiny_bert", "same-length", 3),
+    ("tiny_bert", "different-masks", 0), ("tiny_roberta", "one-token", 1),
+    ("tiny_gpt2", "one-token", 1), ("tiny_gpt2", "longer-true", 1),
+    ("tiny_gpt2", "different", 2), ("tiny_llama", "one-token", 1),
+    ("tiny_llama", "longer-true", 1), ("tiny_neox", "one-token", 1),
+    ("tiny_gemma3", "one-token", 1), ("tiny_gemma3", "different", 2),
+    ("tiny_gemma3_wide", "one-token", 1), ("tiny_gemma3_wide", "different", 2),
+    ("fallback-gpt2", "different", 2), ("fallback-bert", "same-length", 3),
+])
+def test_shared_passes_equal_separate_calls(name, case, shared_units, method, layers, request,
+                                            monkeypatch):
+    # a fact's candidates attributed together share the capture and baselines' passes and,
+    # where an object token is read at the same position after the same input, its rows;
+    # the scores are those of separate calls (float rounding apart)
+    fallback = name.startswith("fallback-")
+    lm = request.getfixturevalue("tiny_" + name.split("-")[1] if fallback else name)
+    lm = without_head(lm) if fallback else lm
+    if case == "different-masks":
+        qs = [encode_query(lm, "[X] is located in [Y] .", "Tanzania", "dodoma"),
+              encode_query(lm, "[X] is located in [Y] .", "Tanzania", "dar es salaam")]
+    else:
+        qs = _candidates_of(lm, case)
+    layers = None if layers is None else [x for x in layers if x < lm.n_layers]
+    kw = dict(method=method, steps=3, layers=layers)
+    separate = [attribute(lm, [q], **kw)[0] for q in qs]
+    seen = _count_rows(monkeypatch)
+    together = attribute(lm, qs, **kw)
+    for t, s in zip(together, separate):
+        assert np.abs(s.scores).max() > 0
+        np.testing.assert_allclose(t.scores, s.scores, rtol=0,
+                                   atol=1e-5 * np.abs(s.scores).max())
+        np.testing.assert_allclose(t.token_probs, s.token_probs, rtol=1e-6)
+        assert (t.rank, t.predicted) == (s.rank, s.predicted)
+    # what was shared: one captured input where the inputs are equal or one begins the
+    # other (causal), and the rows of the shared object tokens ran once
+    one_input = case in ("one-token", "same-length", "longer-true")
+    assert seen["captured"] == (1 if one_input else 2)
+    steps, n_l = 3, lm.n_layers if layers is None else len(layers)
+
+    def n_rows(q, units):
+        return units * (len(q.query_positions) if method == "amig" else 1) * n_l * steps
+    unshared = sum(n_rows(q, len(q.target_ids)) for q in qs)
+    assert seen["rows"] == unshared - n_rows(qs[0], shared_units)
+
+
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_roberta", "tiny_gpt2", "tiny_gemma3"])
+def test_shared_head_gradients_equal_one_target_at_a_time(name, request):
+    # K targets per row from one pass of the head: against _head_gradient per target and a
+    # float64 softmax; rows with repeated targets, and peaked rows (P near 1), where
+    # 1 - P must not cancel
+    from kneurons.attribution import _head_gradient, _head_gradients
+
+    lm = request.getfixturevalue(name)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, lm.model.config.hidden_size, generator=gen)
+    hidden[6:] *= 40  # peaked
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    targets = torch.randint(0, vocab, (9, 3), generator=gen)
+    targets[1, 2] = targets[1, 0]  # a repeated target
+    targets[2, 1:] = targets[2, 0]
+    with torch.no_grad():
+        top = lm.spec.head(lm.model, hidden).argmax(-1)
+    targets[6:, 0] = top[6:]
+    got = _head_gradients(lm, hidden, targets)  # [K, R, hidden]
+    model = copy.deepcopy(lm.model).double()
+    for k in range(3):
+        one = _head_gradient(lm, hidden, targets[:, k])
+        np.testing.assert_allclose(got[k].numpy(), one.numpy(), rtol=0,
+                                   atol=1e-5 * float(one.abs().max()))
+        leaf = hidden.double().requires_grad_(True)
+        p = torch.softmax(lm.spec.head(model, leaf), -1).gather(1, targets[:, k:k + 1])
+        (ref,) = torch.autograd.grad(p.sum(), leaf)
+        np.testing.assert_allclose(got[k].double().numpy(), ref.numpy(), rtol=0,
+                                   atol=2e-6 * float(ref.abs().max()))
+
+
+def test_shared_head_gradients_without_restricted_columns(tiny_gpt2, monkeypatch):
+    # a head whose last step is not element-wise (here a log-softmax: the same softmax)
+    # cannot be restricted to one column per row: the dense products per target take over
+    import kneurons.attribution as attribution
+    from kneurons.attribution import _head_gradients
+
+    lm = tiny_gpt2
+    spec = dataclasses.replace(lm.spec, head=lambda m, h: torch.log_softmax(
+        m.lm_head(m.transformer.ln_f(h)), dim=-1))
+    lm = dataclasses.replace(lm, spec=spec)
+    calls = []
+    real = attribution._target_logit_gradients
+    monkeypatch.setattr(attribution, "_target_logit_gradients",
+                        lambda *a: calls.append(real(*a)) or calls[-1])
+    hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    targets = torch.as_tensor([[1, 2], [3, 3], [5, 9], [0, 1], [7, 4]])
+    got = _head_gradients(lm, hidden, targets)
+    assert calls == [None]
+    for k in range(2):
+        leaf = hidden.clone().requires_grad_(True)
+        p = torch.softmax(lm.spec.head(lm.model, leaf), -1).gather(1, targets[:, k:k + 1])
+        (one,) = torch.autograd.grad(p.sum(), leaf)
+        np.testing.assert_allclose(got[k].numpy(), one.numpy(), rtol=0,
+                                   atol=1e-6 * float(one.abs().max()))
+    assert lm.model.get_output_embeddings().__dict__.get("forward") is None  # restored
+
+
+def _old_probability_gap(lm, query, method="amig", layers=None, site="post"):
+    """probability_gap as it was (5e5ec42): direct forwards per baseline, layer and token."""
+    from kneurons.hooks import capture_ffn
+    from kneurons.scoring import head_at, object_token_probs, replaced_token_probs
+
+    layers = list(range(lm.n_layers)) if layers is None else sorted(set(layers))
+    ids = torch.as_tensor([query.input_ids])
+    pos = torch.as_tensor(query.target_positions)
+    with torch.inference_mode():
+        with capture_ffn(lm, layers, site) as acts, head_at(lm, pos[None, :]) as sliced:
+            logits = lm.model(input_ids=ids).logits
+        p_a = object_token_probs(logits if sliced[0] else logits[:, pos], query.target_ids)[0]
+        if method == "ig":
+            base = {layer: torch.zeros((1, len(pos), lm.d_ff)) for layer in layers}
+        else:
+            variants = ids.repeat(len(query.query_positions), 1)
+            variants[torch.arange(len(query.query_positions)),
+                     torch.as_tensor(query.query_positions)] = lm.replacement_id
+            with capture_ffn(lm, layers, site) as acts:
+                lm.model.base_model(input_ids=variants)
+            base = {layer: acts[layer][:, pos].float() for layer in layers}
+        gap = np.zeros(lm.n_layers)
+        for layer in layers:
+            total = 0.0
+            for t in range(len(pos)):
+                p_b = replaced_token_probs(lm, query, layer, pos[t], base[layer][:, t],
+                                           site=site)[:, t]
+                total += float(p_a[t]) - float(p_b.double().mean())
+            gap[layer] = total / len(pos)
+    return gap
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_roberta", "tiny_gpt2", "tiny_llama",
+                                  "tiny_neox", "tiny_gemma3", "tiny_gemma3_wide",
+                                  "fallback-gpt2", "fallback-bert"])
+def test_probability_gap_equals_direct_forwards(name, method, request, monkeypatch):
+    # the convergence check's rows run as attribution rows do (cached block inputs, one
+    # position), batched: the gaps of direct forwards, float rounding apart
+    import kneurons.attribution as attribution
+
+    fallback = name.startswith("fallback-")
+    lm = request.getfixturevalue("tiny_" + name.split("-")[1] if fallback else name)
+    lm = without_head(lm) if fallback else lm
+    runs = []
+    real = attribution._run_rows
+    monkeypatch.setattr(attribution, "_run_rows", lambda *a: runs.append(1) or real(*a))
+    largest = 0.0
+    for q in (argmax_query(lm, EN, "Tanzania", "Dodoma"),  # one token, a decent probability
+              encode_query(lm, "[X] is located in [Y] .", "Kilimanjaro", "dar es salaam")):
+        for layers in (None, [0, lm.n_layers - 1]):
+            got = probability_gap(lm, q, method=method, layers=layers)
+            want = _old_probability_gap(lm, q, method=method, layers=layers)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)  # float32 P
+            largest = max(largest, float(np.abs(want).max()))
+    assert largest > 1e-4 and runs  # gaps well above the tolerance
 
 
 # ----------------------------------------------------------------------------- selection

@@ -75,6 +75,52 @@ def test_detection_matches_direct_forwards(request, fixture):
     assert all(a in robust and b in robust for a, b in strict.pairs)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_roberta", "tiny_llama", "tiny_gemma3_wide"])
+def test_detection_across_layers_matches_direct_forwards(request, fixture):
+    # knowledge neurons in the first and the last layer: pair rows enter at the lower one and
+    # erase the other when they reach its block
+    if fixture == "tiny_gemma3_wide":
+        from conftest import build
+
+        lm = build("gemma3_text", sliding_window=64)
+    else:
+        lm = request.getfixturevalue(fixture)
+    last = lm.n_layers - 1
+    query = encode_query(lm, "[X] lives in [Y] .", "Anna", "Paris France")
+    kn = [(0, 1), (last, 5), (0, 2), (last, 7), (last - 1, 9)]
+    found = detect_query_dkn(lm, query, kn, single_drop=1.0, pair_drop=0.0, batch_size=3)
+    base = _direct_prob(lm, query, [])
+    assert found.base_prob == pytest.approx(base, rel=1e-4)
+    assert found.single_probs == pytest.approx([_direct_prob(lm, query, [n]) for n in kn],
+                                               rel=1e-4)
+    joint = {(a, b): _direct_prob(lm, query, [a, b]) for a, b in combinations(kn, 2)}
+    assert found.pairs == [pair for pair, p in joint.items() if p < base]
+    assert found.pair_probs == pytest.approx([joint[pair] for pair in found.pairs], rel=1e-4)
+    assert found.tested_pairs == 10
+
+
+def test_several_queries_at_once_equal_one_at_a_time(tiny_bert, tiny_gpt2):
+    from kneurons.dkn import detect_queries_dkn
+
+    for lm in (tiny_bert, tiny_gpt2):
+        queries = [encode_query(lm, "[X] lives in [Y] .", "Anna", "Paris France"),
+                   encode_query(lm, "[X] lives in [Y] .", "Bob", "Paris"),
+                   encode_query(lm, "The capital of [X] is [Y] .", "Tanzania", "Dodoma")]
+        kns = [[(0, 1), (0, 5), (1, 2), (1, 7), (0, 9)], [], [(2, 3), (1, 1), (0, 4)]]
+        options = dict(single_drop=1.0, pair_drop=0.0)
+        together = detect_queries_dkn(lm, queries, kns, batch_size=4, **options)
+        for q, kn, got in zip(queries, kns, together):
+            alone = detect_query_dkn(lm, q, kn, **options)
+            assert got.pairs == alone.pairs and got.tested_pairs == alone.tested_pairs
+            assert got.base_prob == pytest.approx(alone.base_prob, rel=1e-5)
+            assert got.single_probs == pytest.approx(alone.single_probs, rel=1e-5)
+            assert got.pair_probs == pytest.approx(alone.pair_probs, rel=1e-5)
+        assert together[1].kn == [] and together[1].tested_pairs == 0
+        assert sum(len(f.pairs) for f in together) > 0  # not vacuous
+    with pytest.raises(ValueError, match="lists of knowledge neurons"):
+        detect_queries_dkn(tiny_bert, queries, kns[:2], **options)
+
+
 def test_records_runner_and_its_columns(tiny_bert):
     facts = pd.DataFrame({"uuid": ["u1", "u2"], "template": ["[X] lives in [Y] .", "[Y] is [X] ."],
                           "sub_label": ["Anna", "Bob"]})

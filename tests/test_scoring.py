@@ -283,3 +283,134 @@ def test_replaced_token_probs_is_the_convergence_checks_baseline_forward(model):
         # the head now runs at the object positions only (issue #16): float noise apart, equal
         torch.testing.assert_close(scoring.replaced_token_probs(lm, query, layer, pos[0], values),
                                    old, rtol=1e-5, atol=1e-9)
+
+
+# ---- DKN suppression rows on the attribution engine (cached block inputs, object positions) ----
+
+def _erased_by_hand(lm, query, neurons):
+    """P(object token t) with ``neurons`` [(layer, index)] at 0 at the object positions, by a
+    full forward with hooks written here."""
+    by_layer = {}
+    for layer, neuron in neurons:
+        by_layer.setdefault(layer, []).append(neuron)
+    if not by_layer:
+        return direct(lm, query)[0]
+    pos = query.target_positions
+    handles = []
+    for layer, idx in by_layer.items():
+        def pre_hook(mod, args, idx=idx):
+            act = args[0].clone()  # [1, S, d_ff]
+            for p in pos:
+                act[0, p, idx] = 0.0
+            return (act,)
+        handles.append(lm.ffn_site(layer).register_forward_pre_hook(pre_hook))
+    try:
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.as_tensor([query.input_ids])).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    probs = torch.softmax(logits[pos].float(), -1)
+    return probs[torch.arange(len(pos)), query.target_ids].numpy()
+
+
+ERASE_MODELS = {  # fixture (or builder) -> the engine path its rows take
+    "tiny_bert": "_run_masked", "tiny_roberta": "_run_masked", "tiny_gpt2": "_run_causal",
+    "tiny_llama": "_run_causal", "tiny_neox": "_run_causal",
+    "gemma3-sliding": "_run_fast", "gemma3-wide": "_run_causal",
+    "bert-eager": "_run_masked", "gpt2-eager": "_run_causal", "llama-eager": "_run_causal"}
+
+
+def _erase_model(name, request):
+    from conftest import build
+
+    if name.startswith("gemma3-"):
+        return build("gemma3_text", sliding_window=4 if name.endswith("sliding") else 64)
+    if name.endswith("-eager"):
+        lm = build(name.split("-")[0])
+        lm.model.set_attn_implementation("eager")
+        return lm
+    return request.getfixturevalue(name)
+
+
+@pytest.mark.parametrize("name", sorted(ERASE_MODELS))
+def test_erased_rows_equal_direct_forwards(name, request, monkeypatch):
+    # rows enter at the block of their lowest erased layer and run on the object position(s)
+    # alone where exact; later layers' neurons are erased as the row reaches their block;
+    # one- and several-token objects (masks / teacher-forced positions)
+    import kneurons.attribution as attribution
+
+    lm = _erase_model(name, request)
+    last = lm.n_layers - 1
+    sets = [[], [(0, 3)], [(last, 5)], [(0, 1), (last, 7)], [(last, 2), (0, 2), (0, 9)],
+            [(1, 4), (1, 6)], [(0, 1), (0, 1)], [(layer, 2 * layer + 1) for layer in
+                                                 range(lm.n_layers)],
+            [(last, n) for n in range(0, lm.d_ff, 3)], [(1, 8)]]
+    path = ERASE_MODELS[name]
+    calls = []
+    real = getattr(attribution, path)
+    monkeypatch.setattr(attribution, path, lambda *a, **k: calls.append(1) or real(*a, **k))
+    for query in (encode_prompt(lm, *PROMPTS["gpt2" if lm.arch == "causal" else "bert"][0]),
+                  encode_prompt(lm, "The capital of Tanzania is [MASK] .", "dar es salaam")):
+        want = np.stack([_erased_by_hand(lm, query, s) for s in sets])
+        assert not np.allclose(want[0], want[-2], rtol=1e-3)  # erasing has an effect
+        for batch_size in (None, 3, 1):
+            got = erased_token_probs(lm, query, sets, batch_size=batch_size)
+            assert got.shape == (len(sets), len(query.target_ids)) and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert len(query.target_ids) > 1 and calls  # several object tokens; the engine's path
+
+
+def test_erased_rows_of_several_queries_equal_one_query_at_a_time(tiny_bert, tiny_gpt2):
+    from kneurons.scoring import _erased_full_forwards, erased_token_probs_many
+
+    for lm, kind in ((tiny_bert, "bert"), (tiny_gpt2, "gpt2")):
+        queries = queries_of(lm, kind) + [
+            encode_prompt(lm, "The capital of Tanzania is [MASK] .", "dar es salaam")]
+        assert len({len(q.target_ids) for q in queries}) > 1  # object lengths differ
+        sets = [[[], [(0, 1)], [(0, 1), (2, 3)]], [], [[(2, 4)], [(1, 1), (0, 2)]],
+                [[(1, 5)], [], [(0, 5), (1, 5), (2, 5)]]]
+        many = erased_token_probs_many(lm, queries, sets, batch_size=2)
+        assert [m.shape for m in many] == [(len(s), len(q.target_ids))
+                                           for q, s in zip(queries, sets)]
+        for q, s, m in zip(queries, sets, many):
+            np.testing.assert_allclose(m, erased_token_probs(lm, q, s), rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(m, _erased_full_forwards(lm, q, s, 64), rtol=1e-4,
+                                       atol=1e-7)
+
+
+def test_an_erasure_captures_its_queries_once(tiny_gpt2, monkeypatch):
+    # DKN detection asks twice (singles, then pairs): one capture pass per padding group
+    import kneurons.attribution as attribution
+
+    lm = tiny_gpt2
+    queries = queries_of(lm, "gpt2")
+    assert len({len(q.target_ids) for q in queries}) == 3  # object lengths differ: 3 groups
+    captured = []
+    real = attribution._capture
+    monkeypatch.setattr(attribution, "_capture",
+                        lambda lm_, qs, *a, **k: captured.append(len(qs)) or real(lm_, qs, *a, **k))
+    rows = scoring.Erasure(lm, queries, lowest_layer=1, batch_size=2)
+    first = rows.token_probs([[[], [(1, 3)]], [[(2, 5), (1, 1)]], []])
+    second = rows.token_probs([[[(2, 2)]], [], [[(1, 4)], [(2, 4), (2, 5)]]])
+    assert captured == [1, 1, 1]  # once each, not once per call
+    monkeypatch.setattr(attribution, "_capture", real)
+    for got, q, s in zip(first + second, queries * 2,
+                         [[[], [(1, 3)]], [[(2, 5), (1, 1)]], [], [[(2, 2)]], [],
+                          [[(1, 4)], [(2, 4), (2, 5)]]]):
+        np.testing.assert_allclose(got, erased_token_probs(lm, q, s), rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="below the lowest captured layer"):
+        rows.token_probs([[[(0, 1)]], [], []])
+
+
+def test_an_erasure_without_a_registered_head_runs_full_forwards(tiny_bert):
+    import dataclasses
+
+    lm = tiny_bert
+    plain = dataclasses.replace(lm, spec=dataclasses.replace(lm.spec, head=None))
+    queries = queries_of(lm, "bert")
+    sets = [[[], [(0, 1), (2, 3)]], [[(1, 2)]], []]
+    got = scoring.Erasure(plain, queries).token_probs(sets)
+    assert scoring.Erasure(plain, queries).rows is None
+    for g, w in zip(got, scoring.Erasure(lm, queries).token_probs(sets)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-8)

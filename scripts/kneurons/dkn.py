@@ -40,7 +40,7 @@ from .models import LanguageModel
 from .neurons import Neuron, knowledge_neurons_of, seeded_rank, seeded_rng
 from .queries import EncodedQuery, encode_query
 from .records import converged
-from .scoring import erased_token_probs
+from .scoring import Erasure
 from .statistics import jaccard
 
 log = logging.getLogger(__name__)
@@ -80,27 +80,58 @@ def detect_query_dkn(
 ) -> QueryDKN:
     """Measure single and pair suppressions of ``kn`` for ``query`` and return its DKN.
 
-    One batched forward pass (in chunks of ``batch_size`` rows) measures the unpatched
-    probability and every single suppression; a second measures every pair of robust singles
-    (pairs with a non-robust member cannot be degenerate, so they are not measured).
+    One batched pass (in chunks of ``batch_size`` rows) measures the unpatched probability
+    and every single suppression; a second measures every pair of robust singles (pairs with
+    a non-robust member cannot be degenerate, so they are not measured). The rows run as
+    the attribution's do (:class:`kneurons.scoring.Erasure`): from the cached
+    input of the block of their lowest suppressed layer, on the object position(s) alone
+    where that is exact. :func:`detect_queries_dkn` batches several queries.
     """
-    kn = [(int(layer), int(neuron)) for layer, neuron in kn]
-    first = erased_token_probs(lm, query, [[]] + [[neuron] for neuron in kn], batch_size=batch_size)
-    probs = first.mean(axis=1)  # [1 + n_kn]: mean over the object's tokens
-    base_prob, single_probs = float(probs[0]), [float(p) for p in probs[1:]]
-    robust = robust_singles(base_prob, single_probs, single_drop)
-    candidates = list(combinations(robust, 2))
-    pairs, pair_probs = [], []
-    if candidates:
-        joint = erased_token_probs(lm, query, [[kn[i], kn[j]] for i, j in candidates],
-                               batch_size=batch_size).mean(axis=1)
-        for (i, j), prob in zip(candidates, joint):
+    return detect_queries_dkn(lm, [query], [kn], single_drop=single_drop, pair_drop=pair_drop,
+                              batch_size=batch_size)[0]
+
+
+def detect_queries_dkn(
+    lm: LanguageModel,
+    queries: Sequence[EncodedQuery],
+    kns: Sequence[Sequence[Neuron]],
+    *,
+    single_drop: float,
+    pair_drop: float,
+    batch_size: int | None = 256,
+) -> list[QueryDKN]:
+    """:func:`detect_query_dkn` of each query with its knowledge neurons ``kns[i]``, the rows
+    of all queries batched together: one pass for every query's unpatched and single rows,
+    one for every query's robust pairs. The same results as one query at a time (float
+    rounding apart)."""
+    if len(kns) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(kns)} lists of knowledge neurons")
+    kns = [[(int(layer), int(neuron)) for layer, neuron in kn] for kn in kns]
+    # the queries are captured once for both passes
+    rows = Erasure(lm, queries, batch_size=batch_size, lowest_layer=min(
+        (layer for kn in kns for layer, _ in kn), default=lm.n_layers - 1))
+    first = rows.token_probs([[[]] + [[neuron] for neuron in kn] for kn in kns])
+    bases, singles, candidates = [], [], []
+    for kn, probs in zip(kns, first):
+        probs = probs.mean(axis=1)  # [1 + n_kn]: mean over the object's tokens
+        bases.append(float(probs[0]))
+        singles.append([float(p) for p in probs[1:]])
+        robust = robust_singles(bases[-1], singles[-1], single_drop)
+        candidates.append(list(combinations(robust, 2)))
+    joint = rows.token_probs([[[kn[i], kn[j]] for i, j in cands]
+                              for kn, cands in zip(kns, candidates)])
+    out = []
+    for kn, base_prob, single_probs, cands, probs in zip(kns, bases, singles, candidates,
+                                                          joint):
+        pairs, pair_probs = [], []
+        for (i, j), prob in zip(cands, probs.mean(axis=1)):
             if is_degenerate_drop(base_prob, float(prob), pair_drop):
                 pairs.append((kn[i], kn[j]))
                 pair_probs.append(float(prob))
-    members = sorted({neuron for pair in pairs for neuron in pair})
-    return QueryDKN(kn=kn, base_prob=base_prob, single_probs=single_probs, pairs=pairs,
-                    pair_probs=pair_probs, tested_pairs=len(candidates), dkn=members)
+        members = sorted({neuron for pair in pairs for neuron in pair})
+        out.append(QueryDKN(kn=kn, base_prob=base_prob, single_probs=single_probs, pairs=pairs,
+                            pair_probs=pair_probs, tested_pairs=len(cands), dkn=members))
+    return out
 
 
 DKN_COUNTS = ("query", "pair")
@@ -170,21 +201,24 @@ def detect_dkn_records(
     the module docstring), as are records whose attribution did not converge
     (:func:`detected_queries`). Returns one row per other query: uuid, relation, kn_layers, kn_neurons, base_prob, single_probs, tested_pairs,
     pair_layers, pair_neurons ([a, b] per degenerate pair), pair_probs, dkn_layers,
-    dkn_neurons. Rows are checkpointed every ``every`` queries.
+    dkn_neurons. Queries are detected ``every`` at a time in one batch
+    (:func:`detect_queries_dkn`), each batch's rows checkpointed.
     """
     true = detected_queries(facts, records)
     done = checkpoint.load() if checkpoint is not None else None
-    rows: list[dict] = []
     chunks = [done] if done is not None else []
     start = 0 if done is None else len(done)
     bar = tqdm(total=len(true), initial=start, file=progress, desc="DKN", mininterval=5.0,
                unit="query")
-    for record in true.iloc[start:].itertuples():
-        kn = knowledge_neurons_of(record.top_layers, record.top_neurons, record.top_scores,
-                                  kn_threshold, max_kn)
-        query = encode_query(lm, record.template, record.sub_label, record.obj_label)
-        found = detect_query_dkn(lm, query, kn, single_drop=single_drop, pair_drop=pair_drop)
-        rows.append(dict(
+    for begin in range(start, len(true), every):  # a chunk: one batched detection
+        chunk_records = list(true.iloc[begin:begin + every].itertuples())
+        kns = [knowledge_neurons_of(r.top_layers, r.top_neurons, r.top_scores, kn_threshold,
+                                    max_kn) for r in chunk_records]
+        queries = [encode_query(lm, r.template, r.sub_label, r.obj_label)
+                   for r in chunk_records]
+        found_all = detect_queries_dkn(lm, queries, kns, single_drop=single_drop,
+                                       pair_drop=pair_drop)
+        rows = [dict(
             uuid=record.uuid, relation=record.relation,
             kn_layers=[n[0] for n in found.kn], kn_neurons=[n[1] for n in found.kn],
             base_prob=found.base_prob, single_probs=found.single_probs,
@@ -192,17 +226,14 @@ def detect_dkn_records(
             pair_layers=[[a[0], b[0]] for a, b in found.pairs],
             pair_neurons=[[a[1], b[1]] for a, b in found.pairs],
             pair_probs=found.pair_probs,
-            dkn_layers=[n[0] for n in found.dkn], dkn_neurons=[n[1] for n in found.dkn]))
-        bar.update(1)
-        if len(rows) == every:
-            chunk = pd.DataFrame(rows)
-            if checkpoint is not None:
-                checkpoint.append(chunk)
-            chunks.append(chunk)
-            rows = []
+            dkn_layers=[n[0] for n in found.dkn], dkn_neurons=[n[1] for n in found.dkn])
+            for record, found in zip(chunk_records, found_all)]
+        bar.update(len(rows))
+        chunk = pd.DataFrame(rows)
+        if checkpoint is not None:
+            checkpoint.append(chunk)
+        chunks.append(chunk)
     bar.close()
-    if rows:
-        chunks.append(pd.DataFrame(rows))
     if not chunks:
         return pd.DataFrame(columns=["uuid", "relation", "kn_layers", "kn_neurons", "base_prob",
                                      "single_probs", "tested_pairs", "pair_layers",

@@ -23,11 +23,16 @@ are never touched. P(object token) is computed in one place, :func:`object_token
 
 :func:`score` is the general call (one intervention per row), used by the localization
 evaluation and (``head="full"``) by the LIKN erasing experiment; :func:`erased_token_probs`
-(one query, many erased sets, per-token probabilities) is DKN detection's suppression;
-:func:`replaced_token_probs` (whole activation vectors set to baseline values) is the
-attribution's convergence check. They keep the exact operations of the paths they replaced
-(``likn.score_queries``, ``hooks.suppress_batch``, the loop of ``probability_gap``), so results
-are bitwise the same (tests/test_scoring.py).
+(one query, many erased sets, per-token probabilities) and :func:`erased_token_probs_many`
+(several queries; :class:`Erasure` for repeated calls on the same queries) are DKN
+detection's suppression, run on the attribution engine's rows
+(:class:`kneurons.attribution.ErasedRows`: from the cached input of the lowest erased
+layer's block, on the object positions alone where exact), the same numbers as full forwards
+up to float rounding; :func:`replaced_token_probs` (whole activation vectors set to baseline
+values) was the attribution's convergence check, whose rows now run on the engine too
+(:func:`kneurons.attribution.probability_gap`). :func:`score` keeps the exact operations of the
+paths it replaced (``likn.score_queries``), so results are bitwise the same
+(tests/test_scoring.py).
 """
 
 from __future__ import annotations
@@ -177,9 +182,63 @@ def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
                        neuron_sets: Sequence[Iterable[Neuron]], *,
                        batch_size: int | None = 64) -> np.ndarray:
     """P(object token t) [len(neuron_sets), n_object_tokens] of one query with each set
-    erased at the object positions, one batch row per set (an empty set: unpatched). The
-    query is not padded and the head runs at the object positions only; ``batch_size`` caps
-    the rows per forward (``None``: all sets in one)."""
+    erased at the object positions, one row per set (an empty set: unpatched).
+    ``batch_size`` caps the rows per pass (``None``: all sets in one). See
+    :func:`erased_token_probs_many`."""
+    return erased_token_probs_many(lm, [query], [neuron_sets], batch_size=batch_size)[0]
+
+
+def erased_token_probs_many(lm: LanguageModel, queries: Sequence[EncodedQuery],
+                            neuron_sets: Sequence[Sequence[Iterable[Neuron]]], *,
+                            batch_size: int | None = 64) -> list[np.ndarray]:
+    """:func:`erased_token_probs` of several queries (``neuron_sets[i]``: the sets of
+    ``queries[i]``), their rows batched together (see :class:`Erasure`)."""
+    sets = [[list(s) for s in per] for per in neuron_sets]
+    lowest = min((int(layer) for per in sets for s in per for layer, _ in s),
+                 default=lm.n_layers - 1)
+    return Erasure(lm, queries, lowest_layer=lowest, batch_size=batch_size).token_probs(sets)
+
+
+class Erasure:
+    """Erasing rows of fixed queries, asked for as often as needed (DKN detection asks
+    twice: singles, then pairs): P(object token t) with sets of neurons erased (activation
+    0) at the object positions.
+
+    Models with a registered head take the attribution engine's rows
+    (:class:`kneurons.attribution.ErasedRows`): one unpatched pass per group of queries, here,
+    with the inputs of every block from ``lowest_layer`` (the lowest layer any set will
+    erase) on; then each row from the cached input of the block of its lowest erased layer,
+    on the object positions alone where that is exact. Others run the full model per row
+    (the query not padded, the head at the object positions only). The numbers are the same
+    up to float rounding (tests/test_scoring.py compares them with direct forwards).
+    ``batch_size`` caps the rows per pass (``None``: all of a group's)."""
+
+    def __init__(self, lm: LanguageModel, queries: Sequence[EncodedQuery], *,
+                 lowest_layer: int = 0, batch_size: int | None = 64) -> None:
+        from .attribution import ErasedRows  # the engine (which imports this module)
+
+        self.lm, self.queries, self.batch_size = lm, list(queries), batch_size
+        self.rows = (ErasedRows(lm, self.queries, lowest_layer)
+                     if lm.spec.head is not None and self.queries else None)
+
+    def token_probs(self, neuron_sets: Sequence[Sequence[Iterable[Neuron]]]
+                    ) -> list[np.ndarray]:
+        """Per query i: [len(neuron_sets[i]), n_object_tokens] (an empty set: unpatched)."""
+        sets = [[list(s) for s in per] for per in neuron_sets]
+        if len(sets) != len(self.queries):
+            raise ValueError(f"{len(self.queries)} queries but {len(sets)} lists of neuron "
+                             "sets")
+        if self.rows is None:
+            return [_erased_full_forwards(self.lm, q, s, self.batch_size)
+                    for q, s in zip(self.queries, sets)]
+        return self.rows.probs(sets, batch_size=self.batch_size)
+
+
+def _erased_full_forwards(lm: LanguageModel, query: EncodedQuery,
+                          neuron_sets: Sequence[Iterable[Neuron]],
+                          batch_size: int | None) -> np.ndarray:
+    """:func:`erased_token_probs` by full forwards of the whole model, one batch row per
+    set (models without a registered head)."""
     sets = [erase(s) for s in neuron_sets]
     n = len(sets)
     out = np.zeros((n, len(query.target_ids)), dtype=np.float32)
@@ -202,9 +261,10 @@ def erased_token_probs(lm: LanguageModel, query: EncodedQuery,
 def replaced_token_probs(lm: LanguageModel, query: EncodedQuery, layer: int, position,
                          values: torch.Tensor, *, site: str = "post") -> torch.Tensor:
     """P(object token t) [B, n_object_tokens] of one query with the whole activation vector
-    of ``layer`` at ``position`` replaced by ``values[i]`` ([B, d_ff]) in batch row i: the
-    baselines of the convergence check (:func:`kneurons.attribution.probability_gap`). The
-    query is not padded and the head runs at the object positions only."""
+    of ``layer`` at ``position`` replaced by ``values[i]`` ([B, d_ff]) in batch row i, by a
+    full forward (what :func:`kneurons.attribution.probability_gap` measured before its rows
+    ran on the engine; its tests compare with this). The query is not padded and the head
+    runs at the object positions only."""
     ids = torch.as_tensor([query.input_ids], device=lm.device)  # [1, S]
     pos = torch.as_tensor(query.target_positions, device=lm.device)  # [T]
 
