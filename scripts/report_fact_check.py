@@ -14,7 +14,8 @@ runs = [
      "metrics": read_json(inputs.metrics[i]),
      "scores": pd.read_parquet(inputs.scores[i]), "f1_curve": pd.read_csv(inputs.curves[i]),
      "per_relation": pd.read_csv(inputs.per_relation[i]),
-     "dkn_layers": pd.read_csv(inputs.dkn_layers[i])}
+     "dkn_layers": pd.read_csv(inputs.dkn_layers[i]),
+     "dkn_stats": pd.read_csv(inputs.dkn_stats[i])}
     for i, (model, lang) in enumerate(science["pairs"])
 ]
 figures = {name: (output[f"{name}_png"], output[f"{name}_svg"]) for name in FIGURES}

@@ -356,3 +356,20 @@ def test_fact_check_figures_of_many_runs_stay_under_2000_px(tmp_path):
         width, _ = Image.open(tmp_path / f"{name}.png").size
         assert width <= 2050, name
     assert "Left out (no DKN): model4." in (tmp_path / "d.svg").read_text(encoding="utf-8")
+
+
+def test_dkn_sets_name_each_relation_its_stability_and_unstable_or_missing_sets():
+    from kneurons.fact_check_report import dkn_sets_markdown
+
+    stats = pd.DataFrame([
+        dict(model="m", language="en", relation="P1", n_queries=30, queries_with_dkn=12,
+             n_dkn=3, stability=0.8, stability_low=0.6, stability_high=1.0, stable=True),
+        dict(model="m", language="en", relation="P2", n_queries=30, queries_with_dkn=5,
+             n_dkn=2, stability=0.3, stability_low=0.0, stability_high=0.7, stable=False),
+        dict(model="m", language="zh", relation="P1", n_queries=28, queries_with_dkn=0,
+             n_dkn=0, stability=math.nan, stability_low=math.nan, stability_high=math.nan,
+             stable=False)])
+    text = dkn_sets_markdown(stats)
+    assert "| m | en | P1 | 30 | 12 | 3 | 80.0 [60.0, 100.0] |  |" in text
+    assert "| m | en | P2 | 30 | 5 | 2 | 30.0 [0.0, 70.0] | unstable |" in text
+    assert "| m | zh | P1 | 28 | 0 | 0 | n/a | no DKN |" in text

@@ -587,6 +587,36 @@ def _first_setting(per_relation: pd.DataFrame) -> pd.DataFrame:
 FIGURES = ("dkn_layers", "f1_vs_lambda", "roc", "per_relation_f1")
 
 
+def dkn_sets_markdown(stats: pd.DataFrame) -> str:
+    """The relations' DKN sets as Markdown: per model, language and relation the discovery
+    queries counted (n), those with DKN, the size of the DKN set and its stability (mean
+    Jaccard of bootstrap sets with the set of all queries, with its 2.5-97.5 percentiles;
+    :func:`kneurons.dkn.dkn_stability`), flagged "unstable" below
+    :data:`kneurons.dkn.STABILITY_WARNING`. ``stats``: rows of the ``neuron_stats.csv`` tables
+    with ``model`` and ``language`` columns."""
+    from .dkn import STABILITY_WARNING
+
+    lines = ["## DKN sets", "",
+             "Each relation's DKN set, found on its discovery queries, and how stable it is: "
+             "the mean Jaccard similarity between the sets found on bootstrap resamples of the "
+             f"queries and the set found on all of them (95% interval); below "
+             f"{100 * STABILITY_WARNING:.0f}% the set is marked unstable, and Table 3 rows that rest on it "
+             "say little about the relation.", "",
+             "| Model | Language | Relation | Queries (n) | With DKN | DKN | Stability (Jaccard, %) | |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for row in stats.sort_values(["model", "language", "relation"]).to_dict("records"):
+        if int(row["n_dkn"]) == 0 or _missing(row["stability"]):
+            stability, flag = "n/a", "no DKN"
+        else:
+            stability = interval_cell(row["stability"], row["stability_low"],
+                                      row["stability_high"])
+            flag = "" if bool(row["stable"]) else "unstable"
+        lines.append(f"| {row['model']} | {row['language']} | {row['relation']} | "
+                     f"{int(row['n_queries'])} | {int(row['queries_with_dkn'])} | "
+                     f"{int(row['n_dkn'])} | {stability} | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
 def fact_check_report(runs: Sequence[Mapping], out_csv, out_md,
                       figures: Mapping[str, tuple], out_comparisons=None) -> pd.DataFrame:
     """Table 3 (CSV and Markdown), the comparisons (CSV, and in the Markdown) and the four
@@ -606,7 +636,12 @@ def fact_check_report(runs: Sequence[Mapping], out_csv, out_md,
         write_csv(compared, out_comparisons)
     uncertainty = next((run["metrics"].get("uncertainty") for run in runs
                         if run["metrics"].get("uncertainty")), None)
-    write_text(fact_check_markdown(table, compared, uncertainty), out_md)
+    markdown = fact_check_markdown(table, compared, uncertainty)
+    stats = [run["dkn_stats"].assign(model=run["model"], language=run["language"])
+             for run in runs if run.get("dkn_stats") is not None]
+    if stats:
+        markdown += "\n" + dkn_sets_markdown(pd.concat(stats, ignore_index=True))
+    write_text(markdown, out_md)
     key = lambda run: f"{run['model']}/{run['language']}"  # noqa: E731
     layers = [run["dkn_layers"].groupby("layer", as_index=False)["n_dkn"].sum()
               .rename(columns={"n_dkn": "count"}).assign(model=run["model"],

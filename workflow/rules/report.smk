@@ -8,6 +8,7 @@ rule report_fact_check:
         curves=expand_pairs("results/factcheck/{model}/{lang}/f1_curve.csv"),
         per_relation=expand_pairs("results/factcheck/{model}/{lang}/per_relation.csv"),
         dkn_layers=expand_pairs("results/neurons/{model}/{lang}/dkn_layers.csv"),
+        dkn_stats=expand_pairs("results/neurons/{model}/{lang}/neuron_stats.csv"),
     output:
         csv=report(
             "results/reports/fact_check.csv",
